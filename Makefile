@@ -1,0 +1,23 @@
+# DiffuMatting for ComfyUI. `make test` is the whole suite (CI runs it through .ci/run).
+PY := .venv/bin/python
+MODEL ?=
+
+.PHONY: setup test demo serve bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: setup
+	@$(PY) scripts/demo.py $(if $(MODEL),--model "$(MODEL)")
+
+serve: setup
+	$(PY) scripts/serve.py
+
+bench: setup
+	@set -e; for f in tests/bench/*.py; do echo "== $$f"; $(PY) $$f; done
+
+clean:
+	rm -rf artifacts demo_out

@@ -1,0 +1,2 @@
+"""Transparent export and alpha-convention nodes."""
+NODES: list = []

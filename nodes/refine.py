@@ -1,0 +1,2 @@
+"""GreenPost refinement nodes (filled in by the keying work)."""
+NODES: list = []
