@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from comfy_api.latest import ComfyExtension, io
+# Only ComfyExtension is imported from comfy_api here: `io` is the name of this package's io module.
+from comfy_api.latest import ComfyExtension
 
 from . import io as io_nodes
 from . import refine
@@ -21,7 +22,7 @@ class DiffuMattingExtension(ComfyExtension):
 
         folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+    async def get_node_list(self) -> list:
         return [*io_nodes.NODES, *refine.NODES]
 
 
