@@ -15,16 +15,22 @@ from . import refine
 MODEL_FOLDER = "diffumatting"
 
 
+def register_model_folder() -> None:
+    """Register models/diffumatting (head files, UNets) with folder_paths: in memory, nothing written.
+
+    Called from comfy_entrypoint, which every ComfyUI with V3 calls (ComfyExtension.on_load is not
+    called by older hosts such as 0.3.75). Registering twice is harmless.
+    """
+    import folder_paths
+
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
 class DiffuMattingExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        # In-memory registration of models/diffumatting (head files, UNets); nothing is written.
-        import folder_paths
-
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
-
     async def get_node_list(self) -> list:
         return [*io_nodes.NODES, *refine.NODES]
 
 
 async def comfy_entrypoint() -> DiffuMattingExtension:
+    register_model_folder()
     return DiffuMattingExtension()
