@@ -21,29 +21,34 @@ function checkerPattern(ctx) {
   return pattern;
 }
 
-// Top of the preview area: below the node's last ordinary widget.
+// Top of the preview area: the image-preview widget's y, else below the node's last ordinary widget.
 function previewTop(node) {
-  let top = LiteGraph.NODE_TITLE_HEIGHT ? 0 : 0;
-  const slots = Math.max(node.inputs?.length ?? 0, node.outputs?.length ?? 0);
-  top = Math.max(top, slots * (LiteGraph.NODE_SLOT_HEIGHT ?? 20) + 6);
+  const preview = node.widgets?.find((w) => w.name?.startsWith("$$"));
+  const py = preview?.y ?? preview?.last_y;
+  if (typeof py === "number") return py;
+  let top = Math.max(node.inputs?.length ?? 0, node.outputs?.length ?? 0) * (LiteGraph.NODE_SLOT_HEIGHT ?? 20) + 6;
   for (const w of node.widgets ?? []) {
-    if (w.name?.startsWith("$$")) continue;
     const y = w.y ?? w.last_y;
     if (typeof y === "number") top = Math.max(top, y + (w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT ?? 20) + 4);
   }
   return top;
 }
 
-// The rectangle the frontend fits one image into (aspect kept, centred), or the whole area for grids.
-function imageRect(node, top) {
-  const area = { x: 0, y: top, w: node.size[0], h: node.size[1] - top };
+// Where the frontend draws the images: the same fit as its preview (aspect kept, centred, never
+// enlarged, 15 px kept for the size caption); for a grid of images, the rectangles it recorded.
+function imageRects(node) {
   const imgs = node.imgs ?? [];
   const index = node.imageIndex ?? (imgs.length === 1 ? 0 : null);
-  const img = index == null ? null : imgs[index];
-  if (!img || !img.naturalWidth || area.h <= 0) return area;
-  const s = Math.min(area.w / img.naturalWidth, area.h / img.naturalHeight);
+  if (index == null) return (node.imageRects ?? []).map(([x, y, w, h]) => ({ x, y, w, h }));
+  const img = imgs[index];
+  if (!img?.naturalWidth) return [];
+  const top = previewTop(node);
+  const caption = app.extensionManager?.setting?.get?.("Comfy.Node.AllowImageSizeDraw") === false ? 0 : 15;
+  const avail = node.size[1] - top - caption;
+  if (avail <= 0) return [];
+  const s = Math.min(node.size[0] / img.naturalWidth, avail / img.naturalHeight, 1);
   const w = img.naturalWidth * s, h = img.naturalHeight * s;
-  return { x: (area.w - w) / 2, y: top + (area.h - h) / 2, w, h };
+  return [{ x: (node.size[0] - w) / 2, y: top + (avail - h) / 2, w, h }];
 }
 
 const extension = {
@@ -59,11 +64,11 @@ const extension = {
     const draw = node.onDrawBackground;
     node.onDrawBackground = function (ctx, ...rest) {
       if (this.imgs?.length && !this.flags?.collapsed) {
-        const r = imageRect(this, previewTop(this));
-        if (r.w > 0 && r.h > 0) {
+        const rects = imageRects(this).filter((r) => r.w > 0 && r.h > 0);
+        if (rects.length) {
           ctx.save();
           ctx.fillStyle = checkerPattern(ctx);
-          ctx.fillRect(r.x, r.y, r.w, r.h);
+          for (const r of rects) ctx.fillRect(r.x, r.y, r.w, r.h);
           ctx.restore();
           extension.checkerDraws += 1;
         }

@@ -1,0 +1,135 @@
+"""The pack in the real ComfyUI server: registration, schema hygiene, every workflow over HTTP."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_client import WorkflowError, ui_to_api
+from diffumatting.models.png import read_png_text
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def pack_node_ids(comfy_host) -> list[str]:
+    from diffumatting.nodes import comfy_entrypoint
+
+    async def collect():
+        ext = await comfy_entrypoint()
+        return [node.define_schema().node_id for node in await ext.get_node_list()]
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+def test_object_info_lists_every_node(pack_node_ids, object_info):
+    assert len(pack_node_ids) == len(set(pack_node_ids)), "node ids must be unique"
+    missing = [n for n in pack_node_ids if n not in object_info]
+    assert not missing, f"nodes not registered by the server: {missing}"
+
+
+def test_every_node_documents_its_sockets(pack_node_ids, object_info):
+    problems = []
+    for node_id in pack_node_ids:
+        info = object_info[node_id]
+        if not info["category"].startswith("DiffuMatting/"):
+            problems.append(f"{node_id}: category {info['category']!r}")
+        if not info.get("description"):
+            problems.append(f"{node_id}: no description")
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                opts = spec[1] if len(spec) > 1 else {}
+                if not opts.get("tooltip"):
+                    problems.append(f"{node_id}.{name}: input without tooltip")
+        for name, tip in zip(info["output_name"], info.get("output_tooltips") or [None] * len(info["output"])):
+            if not tip:
+                problems.append(f"{node_id} -> {name}: output without tooltip")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_and_writes_rgba_png(comfy_server, path):
+    workflow = json.loads(path.read_text())
+    entry = comfy_server.run_workflow(workflow, timeout=600)
+    files = comfy_server.output_files(entry)
+    assert files, f"{path.name} wrote no file to the output folder"
+    rgba = []
+    for f in files:
+        assert f.is_file(), f
+        img = Image.open(f)
+        if img.mode == "RGBA":
+            rgba.append(np.asarray(img))
+    assert rgba, f"{path.name} wrote no RGBA PNG: {[Image.open(f).mode for f in files]}"
+    text = read_png_text(files[0].read_bytes())
+    assert "prompt" in text and "workflow" in text, "prompt and workflow must be embedded"
+
+
+def test_key_green_screen_separates_object_from_backing(comfy_server):
+    workflow = json.loads((ROOT / "workflows" / "key_green_screen.json").read_text())
+    entry = comfy_server.run_workflow(workflow, timeout=600)
+    png = [f for f in comfy_server.output_files(entry) if Image.open(f).mode == "RGBA"][0]
+    arr = np.asarray(Image.open(png)).astype(np.float32) / 255
+    alpha = arr[..., 3]
+    h, w = alpha.shape
+    corners = np.concatenate([alpha[:h // 8, :w // 8].ravel(), alpha[-h // 8:, -w // 8:].ravel()])
+    assert corners.mean() < 0.02, "the green backing must come out transparent"
+    # The sample's object sits around the centre (models/synthetic.py places it at 40-60%).
+    centre = alpha[int(h * 0.45):int(h * 0.55), int(w * 0.45):int(w * 0.55)]
+    assert centre.mean() > 0.5, "the object must stay opaque"
+    opaque = alpha > 0.95
+    green_dominance = arr[..., 1] - np.maximum(arr[..., 0], arr[..., 2])
+    assert np.percentile(green_dominance[opaque], 95) < 0.15, "green spill must be removed from the object"
+
+
+def _save_prompt(sample: str, prefix: str, **widgets) -> dict:
+    save_inputs = {"image": ["1", 0], "filename_prefix": prefix, "bit_depth": "8", "trim": False,
+                   "padding": 8, "save_matte": False}
+    save_inputs.update(widgets)
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": sample}},
+        "2": {"class_type": "DiffuMattingSaveRGBA", "inputs": save_inputs},
+    }
+
+
+def test_save_refuses_prefix_outside_output(comfy_server, server_models):
+    for prefix in ("../escape", "/tmp/escape", "a/../../escape"):
+        with pytest.raises(WorkflowError, match="outside ComfyUI's output folder|absolute path"):
+            comfy_server.post("/prompt", {"prompt": _save_prompt(server_models["green_sample"], prefix)})
+    assert not (comfy_server.base / "escape_00001_.png").exists()
+
+
+def test_save_16_bit_trimmed_with_matte(comfy_server, server_models):
+    prompt = _save_prompt(server_models["green_sample"], "tests/sixteen", bit_depth="16", trim=True,
+                          padding=3, save_matte=True)
+    # A LoadImage MASK is a transparency mask: connect it where this pack expects that convention.
+    prompt["2"]["inputs"]["transparency_mask"] = ["1", 1]
+    answer = comfy_server.post("/prompt", {"prompt": prompt})
+    entry = comfy_server.wait(answer["prompt_id"])
+    files = comfy_server.output_files(entry)
+    assert len(files) == 1 and files[0].parent.name == "tests"
+    matte = files[0].with_name(files[0].stem + "_matte.png")
+    assert matte.is_file()
+    import cv2
+
+    rgba = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
+    assert rgba.dtype == np.uint16 and rgba.shape[2] == 4
+    assert cv2.imread(str(matte), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    assert "prompt" in read_png_text(files[0].read_bytes())
+
+
+def test_ui_to_api_reports_unknown_node_type(object_info):
+    wf = {"nodes": [{"id": 1, "type": "NoSuchNode", "inputs": [], "widgets_values": []}], "links": []}
+    with pytest.raises(WorkflowError, match="NoSuchNode"):
+        ui_to_api(wf, object_info)
