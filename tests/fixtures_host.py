@@ -10,4 +10,8 @@ def populate_server_models(base: Path) -> dict:
 
     names = {}
     names["green_sample"] = write_green_sample(base / "input" / "diffumatting_green_sample.png").name
+    # Keep last: the head's architecture follows the tiny checkpoint's VAE when that is already written.
+    from matting_fixtures import write_tiny_head
+
+    names["matting_head"] = write_tiny_head(base)
     return names
