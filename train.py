@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Headless DiffuMatting trainer: fine-tune a Stable Diffusion UNet to paint objects on a flat green
+canvas (green-background control loss + transition-boundary detail loss) and train the matting head on
+the VAE decoder. Loads the base checkpoint with ComfyUI's own loaders; writes files the pack's nodes load.
+
+  python train.py --preset tiny --out runs/tiny                  # CPU demo on generated data, minutes
+  python train.py --config configs/default.toml --checkpoint sd15.safetensors --data my_pngs/ --out runs/a
+  python train.py --out runs/a --resume                          # continue exactly where it stopped
+  torchrun --nproc_per_node 2 train.py --config my.toml          # DistributedDataParallel
+
+Every config key (see configs/default.toml) can be set with --set SECTION.KEY=VALUE.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PACKAGE = "diffumatting"
+
+
+def _register_package():
+    """Import the pack's modules as the package `diffumatting` without running its ComfyUI __init__."""
+    if PACKAGE not in sys.modules:
+        pkg = types.ModuleType(PACKAGE)
+        pkg.__path__ = [str(ROOT)]
+        pkg.__file__ = str(ROOT / "__init__.py")
+        sys.modules[PACKAGE] = pkg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Precedence: defaults < --preset < --config < flags and --set.")
+    p.add_argument("--config", help="TOML config file (see configs/default.toml for every key)")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: tiny random SD1.5-shaped model + generated data, "
+                                                       "both stages on the CPU in minutes")
+    p.add_argument("--out", help="output folder (run.out): checkpoints/, samples/, log.csv, trained files")
+    p.add_argument("--checkpoint", help="base SD1.x/SD2/SDXL checkpoint .safetensors (model.checkpoint)")
+    p.add_argument("--data", help="data folder (data.path): RGBA PNGs, or image/ + alpha/ pairs")
+    p.add_argument("--stages", help="comma list of stages to run: unet,head (run.stages)")
+    p.add_argument("--mode", choices=["lora", "full"], help="UNet fine-tune mode (unet.mode)")
+    p.add_argument("--unet-steps", type=int, help="UNet stage steps (unet.steps)")
+    p.add_argument("--head-steps", type=int, help="matting head stage steps (head.steps)")
+    p.add_argument("--batch-size", type=int, help="global batch size of both stages")
+    p.add_argument("--seed", type=int, help="run seed (run.seed)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (run.device)")
+    p.add_argument("--comfyui", help="ComfyUI folder (with main.py); default: auto-detect")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in <out>/checkpoints (or the given folder)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config key, e.g. --set loss.green=0.2 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (run.progress = false)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    return p
+
+
+def overrides_from_args(args) -> dict:
+    from diffumatting.training import config as C
+
+    o = C.parse_set(args.set)
+
+    def put(section, key, value):
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+
+    put("run", "out", args.out)
+    put("model", "checkpoint", args.checkpoint)
+    if args.data is not None:
+        put("data", "path", args.data)
+        put("data", "source", "folder")
+    put("run", "stages", args.stages)
+    put("unet", "mode", args.mode)
+    put("unet", "steps", args.unet_steps)
+    put("head", "steps", args.head_steps)
+    if args.batch_size is not None:
+        put("unet", "batch_size", args.batch_size)
+        put("head", "batch_size", args.batch_size)
+    put("run", "seed", args.seed)
+    put("run", "device", args.device)
+    put("run", "comfyui", args.comfyui)
+    if args.no_progress:
+        put("run", "progress", False)
+    return o
+
+
+def main(argv=None) -> int:
+    _register_package()
+    from diffumatting.training import config as C
+    from diffumatting.training import distributed
+
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = overrides_from_args(args)
+        base = None
+        if args.resume and not args.config and not args.preset:
+            # Resuming without a config: start from the run's own config.toml.
+            out = overrides.get("run", {}).get("out")
+            if not out:
+                raise C.ConfigError("--resume needs --out (the run folder to continue)")
+            saved = Path(out) / "config.toml"
+            if saved.is_file():
+                base = C.apply_dict(C.TrainConfig(), C.load_toml(saved), str(saved))
+        cfg = C.build(args.preset, args.config, overrides, base=base)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        C.validate(cfg, world_size=world)
+    except C.ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(C.to_toml(cfg))
+        return 0
+    dist = distributed.setup(cfg.run.device)
+    try:
+        from diffumatting.training.loop import Trainer
+
+        trainer = Trainer(cfg, dist, resume=args.resume)
+        try:
+            return trainer.run()
+        except C.ConfigError as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
