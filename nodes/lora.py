@@ -1,0 +1,203 @@
+"""LoRA stack: several LoRAs in one node, a LORA_STACK in/out, model-only mode and green protection.
+
+LORA_STACK follows the common convention of other packs: a list of (lora_name, model_strength,
+clip_strength) tuples, names relative to models/loras.
+
+Green protection: the DiffuMatting UNet learns the green backing through the cross-attention of the
+"green" token (the paper's green-background control loss acts on those attention maps), so the backing is
+decided where text reaches the image, in the cross-attention layers (attn2). Protection scales a style
+LoRA's deltas in those layers by (1 - green_protection) and keeps its other deltas (self-attention,
+convolutions, feed-forward, text encoder), where most of a style lives.
+"""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from ._schema import CATEGORY, schema
+
+FAMILY = f"{CATEGORY}/generate"
+ROWS = 4
+NONE = "None"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+CROSS_ATTENTION_MARK = "attn2"
+LoraStackType = io.Custom("LORA_STACK")
+
+
+def lora_files() -> list[str]:
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list("loras") if f.lower().endswith(".safetensors")]
+
+
+def resolve_lora(name: str) -> str:
+    import folder_paths
+
+    name = str(name)
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"LoRA {name!r} is a pickle file, which can run code when loaded and is refused; "
+                         f"use a .safetensors LoRA")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\", "~")) or ".." in parts:
+        raise ValueError(f"LoRA name {name!r} points outside models/loras; use a name from the loras list")
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"LoRA {name!r} not found in models/loras (a LORA_STACK entry or row names a file "
+                         f"that is not there); available: {lora_files()[:20]}")
+    return path
+
+
+def load_lora_file(name: str) -> dict:
+    import comfy.utils
+
+    path = resolve_lora(name)
+    if not path.lower().endswith(".safetensors"):
+        raise ValueError(f"LoRA {name!r} is not a .safetensors file; only .safetensors LoRAs are loaded")
+    try:
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:
+        raise ValueError(f"LoRA {name!r} cannot be read ({type(e).__name__}: {e}); the file is damaged or not "
+                         f"a LoRA") from e
+    if not sd:
+        raise ValueError(f"LoRA {name!r} holds no tensors")
+    return sd
+
+
+def split_cross_attention(lora: dict) -> tuple[dict, dict]:
+    """(cross-attention entries, the rest), by key name (kohya `..._attn2_to_k...`, diffusers `.attn2.`)."""
+    cross = {k: v for k, v in lora.items() if CROSS_ATTENTION_MARK in k}
+    rest = {k: v for k, v in lora.items() if CROSS_ATTENTION_MARK not in k}
+    return cross, rest
+
+
+def normalise_stack(stack) -> list[tuple[str, float, float]]:
+    if stack is None:
+        return []
+    if not isinstance(stack, (list, tuple)):
+        raise ValueError(f"lora_stack must be a list of (name, model_strength, clip_strength), got "
+                         f"{type(stack).__name__}")
+    out = []
+    for i, entry in enumerate(stack):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise ValueError(f"lora_stack entry {i} is {entry!r}; expected (name, model_strength, clip_strength)")
+        name, ms, cs = entry
+        out.append((str(name), float(ms), float(cs)))
+    return out
+
+
+def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: float,
+               green_protection: float = 0.0):
+    """Apply one LoRA state dict with core's comfy.sd.load_lora_for_models; returns (model, clip).
+
+    A side with strength 0 (or None) is returned unchanged. green_protection scales the cross-attention
+    deltas of the model by (1 - green_protection).
+    """
+    import comfy.sd
+
+    use_model = model is not None and strength_model != 0
+    use_clip = clip is not None and strength_clip != 0
+    if not (use_model or use_clip):
+        return model, clip
+    p = float(green_protection)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"green_protection {p} must be in 0..1")
+    if p == 0.0 or not use_model:
+        m, c = comfy.sd.load_lora_for_models(model if use_model else None, clip if use_clip else None,
+                                             lora, strength_model, strength_clip)
+    else:
+        cross, rest = split_cross_attention(lora)
+        m, c = comfy.sd.load_lora_for_models(model, clip if use_clip else None, rest, strength_model,
+                                             strength_clip)
+        scaled = strength_model * (1.0 - p)
+        if cross and scaled != 0:
+            m, _ = comfy.sd.load_lora_for_models(m, None, cross, scaled, 0.0)
+    return (m if use_model else model), (c if use_clip else clip)
+
+
+def apply_stack(model, clip, stack, model_only: bool = False, green_protection: float = 0.0):
+    """Apply every (name, model_strength, clip_strength) of `stack` in order; returns (model, clip)."""
+    for name, ms, cs in normalise_stack(stack):
+        if ms == 0 and (cs == 0 or model_only or clip is None):
+            continue
+        lora = load_lora_file(name)
+        model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, green_protection)
+        if not model_only:
+            clip = clip_out
+    return model, clip
+
+
+def _row_inputs() -> list:
+    files = [NONE, *lora_files()]
+    inputs = []
+    for i in range(1, ROWS + 1):
+        inputs += [
+            io.Combo.Input(f"lora_{i}", options=files, default=NONE,
+                           tooltip=f"Row {i}: LoRA file in models/loras (None = empty row)."),
+            io.Boolean.Input(f"on_{i}", default=True, tooltip=f"Row {i}: apply this LoRA (off = skip the row)."),
+            io.Float.Input(f"model_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+                           tooltip=f"Row {i}: strength on the diffusion model (0 = leave the model alone)."),
+            io.Float.Input(f"clip_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+                           tooltip=f"Row {i}: strength on the text encoder (ignored in model-only mode)."),
+        ]
+    return inputs
+
+
+class LoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DiffuMattingLoraStack",
+            display_name="LoRA Stack (green protected)",
+            category=FAMILY,
+            description=f"Applies up to {ROWS} LoRAs (rows: file, on/off, model and clip strength) plus any "
+                        "incoming LORA_STACK, with core's LoRA loading. Chain stacks through lora_stack for "
+                        "more rows. green_protection keeps style LoRAs from repainting the green backing "
+                        "by scaling their cross-attention deltas.",
+            search_aliases=["lora stack", "lora stacker", "multiple loras", "lora loader", "style lora"],
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion MODEL to patch (a clone is returned)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The text encoder to patch; leave unconnected for model-only use."),
+                LoraStackType.Input("lora_stack", optional=True,
+                                    tooltip="LoRAs from another stack node, applied before this node's rows. "
+                                            "A list of (name, model_strength, clip_strength)."),
+                io.Boolean.Input("model_only", default=False,
+                                 tooltip="Patch only the diffusion model; the CLIP passes through unchanged."),
+                io.Float.Input("green_protection", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="0 = apply LoRAs as core does. Up to 1 = scale their cross-attention "
+                                       "deltas down, where the green backing is decided, keeping the rest "
+                                       "of the style."),
+                *_row_inputs(),
+            ],
+            outputs=[
+                io.Model.Output("model", display_name="model", tooltip="The MODEL with the LoRAs applied."),
+                io.Clip.Output("clip", display_name="clip",
+                               tooltip="The CLIP with the LoRAs applied (unchanged in model-only mode; None "
+                                       "when no CLIP was connected)."),
+                LoraStackType.Output("lora_stack", display_name="lora_stack",
+                                     tooltip="The incoming stack plus this node's active rows, for other nodes "
+                                             "that take a LORA_STACK. Do not also feed it to a stack that "
+                                             "gets this node's MODEL, or the LoRAs apply twice."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip=None, lora_stack=None, model_only=False, green_protection=0.0,
+                **rows) -> io.NodeOutput:
+        stack = normalise_stack(lora_stack)
+        for i in range(1, ROWS + 1):
+            name = rows.get(f"lora_{i}", NONE)
+            if name in (None, "", NONE) or not rows.get(f"on_{i}", True):
+                continue
+            ms = float(rows.get(f"model_strength_{i}", 1.0))
+            cs = float(rows.get(f"clip_strength_{i}", 1.0))
+            if ms == 0 and cs == 0:
+                continue
+            stack.append((str(name), ms, cs))
+        out_model, out_clip = apply_stack(model, clip, stack, model_only=bool(model_only),
+                                          green_protection=float(green_protection))
+        return io.NodeOutput(out_model, out_clip, stack)
+
+
+NODES = [LoraStack]
