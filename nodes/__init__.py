@@ -10,7 +10,7 @@ import os
 from comfy_api.latest import ComfyExtension
 
 from . import io as io_nodes
-from . import matting
+from . import generate, lora, matting
 from . import refine
 
 MODEL_FOLDER = "diffumatting"
@@ -29,7 +29,7 @@ def register_model_folder() -> None:
 
 class DiffuMattingExtension(ComfyExtension):
     async def get_node_list(self) -> list:
-        return [*io_nodes.NODES, *refine.NODES, *matting.NODES]
+        return [*io_nodes.NODES, *refine.NODES, *matting.NODES, *generate.NODES, *lora.NODES]
 
 
 async def comfy_entrypoint() -> DiffuMattingExtension:
