@@ -359,8 +359,9 @@ class MattingVAEDecode(io.ComfyNode):
             if mode is Tiling.ALWAYS:
                 scale = _upscale(vae)
                 t = max(8, int(tile_size) // scale)
+                # core's tiled decode also runs tiles of t/2 x 2t: its overlap must stay below t/2
                 rgb = vae.decode_tiled(latent, tile_x=t, tile_y=t,
-                                       overlap=max(0, min(int(tile_overlap) // scale, t // 2)))
+                                       overlap=max(0, min(int(tile_overlap) // scale, t // 4)))
             else:
                 rgb = vae.decode(latent)
             if rgb.ndim == 5:  # video VAEs: frames as batch
