@@ -244,10 +244,11 @@ class GreenPrompt(io.ComfyNode):
 def key_colour_latent(vae, model, rgb: tuple[float, float, float], size: int = 64) -> torch.Tensor:
     """The key colour's latent (C,) in the MODEL's latent space (VAE encode, mean, process_in)."""
     img = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 1, 3).expand(1, size, size, 3).contiguous()
-    lat = vae.encode(img)
+    with torch.no_grad():
+        lat = vae.encode(img)
     mean = gc.key_latent_mean(lat)
     shaped = mean.view(1, -1, *([1] * (lat.ndim - 2)))
-    return model.model.process_latent_in(shaped).flatten().float()
+    return model.model.process_latent_in(shaped).flatten().float().detach()
 
 
 def green_canvas_model(model, vae, key_color: str, strength: float, end_percent: float, region: dict):

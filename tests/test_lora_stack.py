@@ -1,0 +1,159 @@
+"""LoRA stack on the tiny SD1.5 checkpoint: equals core's LoraLoader, rows off change nothing, errors, protection."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+LORAS = ("style_a.safetensors", "style_b.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host, tmp_path_factory, one_thread):
+    import comfy.sd
+    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint, write_random_lora
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_models"
+    path = cached_tiny_sd15_checkpoint(folder)
+    loras = tmp_path_factory.mktemp("loras")
+    for i, name in enumerate(LORAS):
+        write_random_lora(loras / name, seed=21 + i)
+    (loras / "broken.safetensors").write_bytes(b"\x07" * 64)
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+    return {"model": model, "clip": clip, "vae": vae, "loras": loras}
+
+
+@pytest.fixture
+def lora_folder(tiny, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tiny["loras"])], {".safetensors"}))
+    return tiny["loras"]
+
+
+def _weights(patcher) -> dict:
+    """Weights the patcher runs with, loaded through core's model management (as a sampler would)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _run(model, clip, **kw):
+    from diffumatting.nodes.lora import LoraStack
+
+    args = dict(lora_stack=None, model_only=False, green_protection=0.0)
+    args.update(kw)
+    return LoraStack.execute(model, clip, **args).result
+
+
+def test_two_rows_equal_core_lora_loader_twice(tiny, lora_folder):
+    import nodes as core_nodes
+
+    model, clip = tiny["model"], tiny["clip"]
+    m, c, stack = _run(model, clip, lora_1=LORAS[0], model_strength_1=0.8, clip_strength_1=0.6,
+                       lora_2=LORAS[1], model_strength_2=-0.5, clip_strength_2=1.2)
+    assert stack == [(LORAS[0], 0.8, 0.6), (LORAS[1], -0.5, 1.2)]
+    loader = core_nodes.LoraLoader()
+    rm, rc = loader.load_lora(model, clip, LORAS[0], 0.8, 0.6)
+    rm, rc = loader.load_lora(rm, rc, LORAS[1], -0.5, 1.2)
+    mine, ref, base = _weights(m), _weights(rm), _weights(model)
+    assert _same(mine, ref), "the stack must give core's LoraLoader-twice model weights"
+    assert not _same(mine, base), "the LoRAs must change the model"
+    assert _same(_weights(c.patcher), _weights(rc.patcher)), "and the same CLIP weights"
+    assert _same(_weights(model), base), "the input model must stay untouched"
+
+
+def test_rows_off_or_zero_change_nothing(tiny, lora_folder):
+    model, clip = tiny["model"], tiny["clip"]
+    base_m, base_c = _weights(model), _weights(clip.patcher)
+    m, c, stack = _run(model, clip, lora_1=LORAS[0], on_1=False, lora_2=LORAS[1], model_strength_2=0.0,
+                       clip_strength_2=0.0, lora_3="None")
+    assert stack == []
+    assert _same(_weights(m), base_m) and _same(_weights(c.patcher), base_c)
+    # Model strength 0 with a clip strength: the model is untouched, the CLIP changes.
+    m, c, _ = _run(model, clip, lora_1=LORAS[0], model_strength_1=0.0, clip_strength_1=1.0)
+    assert m is model and not m.patches
+    assert not _same(_weights(c.patcher), base_c)
+
+
+def test_stack_input_model_only_and_chaining(tiny, lora_folder):
+    import comfy.sd
+    import comfy.utils
+
+    model, clip = tiny["model"], tiny["clip"]
+    m, c, stack = _run(model, clip, lora_stack=[(LORAS[0], 0.7, 0.3)], model_only=True,
+                       lora_1=LORAS[1], model_strength_1=0.4)
+    assert stack == [(LORAS[0], 0.7, 0.3), (LORAS[1], 0.4, 1.0)]
+    assert c is clip, "model-only mode passes the CLIP through"
+    ref = model
+    for name, ms in ((LORAS[0], 0.7), (LORAS[1], 0.4)):
+        lora = comfy.utils.load_torch_file(str(lora_folder / name), safe_load=True)
+        ref, _ = comfy.sd.load_lora_for_models(ref, None, lora, ms, 0)
+    assert _same(_weights(m), _weights(ref))
+    # No CLIP connected: model only, clip output None.
+    m2, c2, _ = _run(model, None, lora_1=LORAS[0])
+    assert c2 is None and m2.patches
+
+
+def test_missing_unreadable_and_pickle_loras_name_the_file(tiny, lora_folder):
+    model, clip = tiny["model"], tiny["clip"]
+    with pytest.raises(ValueError, match="'gone.safetensors' not found"):
+        _run(model, clip, lora_stack=[("gone.safetensors", 1.0, 1.0)])
+    with pytest.raises(ValueError, match="'broken.safetensors' cannot be read"):
+        _run(model, clip, lora_1="broken.safetensors")
+    with pytest.raises(ValueError, match="'old.ckpt' is a pickle file"):
+        _run(model, clip, lora_stack=[("old.ckpt", 1.0, 1.0)])
+    with pytest.raises(ValueError, match="outside models/loras"):
+        _run(model, clip, lora_stack=[("../x.safetensors", 1.0, 1.0)])
+    with pytest.raises(ValueError, match="expected \\(name, model_strength, clip_strength\\)"):
+        _run(model, clip, lora_stack=[("a", 1.0)])
+
+
+def test_green_protection_scales_only_cross_attention(tiny, lora_folder):
+    model, clip = tiny["model"], tiny["clip"]
+    base = _weights(model)
+    full = _weights(_run(model, clip, lora_1=LORAS[0])[0])
+    half = _weights(_run(model, clip, green_protection=0.5, lora_1=LORAS[0])[0])
+    off = _weights(_run(model, clip, green_protection=1.0, lora_1=LORAS[0])[0])
+    cross = [k for k in base if k.startswith("diffusion_model.") and ".attn2." in k and k.endswith("weight")]
+    other = [k for k in base if k.startswith("diffusion_model.") and ".attn2." not in k]
+    assert cross and all(torch.equal(off[k], base[k]) for k in cross), "protection 1 removes attn2 deltas"
+    assert all(torch.equal(off[k], full[k]) and torch.equal(half[k], full[k]) for k in other)
+    changed = [k for k in cross if not torch.equal(full[k], base[k])]
+    assert changed
+    for k in changed:
+        assert torch.allclose(half[k] - base[k], 0.5 * (full[k] - base[k]), atol=1e-5)
+
+
+def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
+    """Measured on the tiny model with the green canvas on: the background's distance to the key colour
+    latent, averaged over seeds and both LoRAs, is smaller with protection than without."""
+    from green_measure import background_distance, sample_latent
+    from diffumatting.nodes import generate as G
+
+    model, clip, vae = tiny["model"], tiny["clip"], tiny["vae"]
+    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION)
+    key = G.key_colour_latent(vae, model, (0.0, 0xb1 / 255, 0x40 / 255))
+    dist = {0.0: [], 1.0: []}
+    for seed in range(3):
+        for name in LORAS:
+            for p in dist:
+                styled = _run(canvas, clip, green_protection=p, lora_1=name)[0]
+                dist[p].append(background_distance(sample_latent(styled, clip, seed), key, G_REGION)[0])
+    mean = {p: sum(v) / len(v) for p, v in dist.items()}
+    assert mean[1.0] < 0.97 * mean[0.0], mean
+
+
+G_REGION = dict(center_x=0.5, center_y=0.5, width=0.6, height=0.7, feather=0.15)
