@@ -148,7 +148,7 @@ class UNetLoader(io.ComfyNode):
                                tooltip="Weight blend: 0 = the base model unchanged, 1 = the full DiffuMatting "
                                        "UNet, in between a linear mix of the weights."),
             ],
-            outputs=[io.Model.Output("model", display_name="model",
+            outputs=[io.Model.Output("MODEL", display_name="MODEL",
                                      tooltip="A clone of the MODEL with the DiffuMatting UNet patched in.")],
         )
 
@@ -302,7 +302,7 @@ class GreenCanvas(io.ComfyNode):
                 io.Float.Input("feather", default=0.15, min=0.0, max=1.0, step=0.01,
                                tooltip="Softness of the region's edge (fraction of the smaller side)."),
             ],
-            outputs=[io.Model.Output("model", display_name="model",
+            outputs=[io.Model.Output("MODEL", display_name="MODEL",
                                      tooltip="A clone of the MODEL with the green-canvas guidance attached.")],
         )
 

@@ -171,11 +171,11 @@ class LoraStack(io.ComfyNode):
                 *_row_inputs(),
             ],
             outputs=[
-                io.Model.Output("model", display_name="model", tooltip="The MODEL with the LoRAs applied."),
-                io.Clip.Output("clip", display_name="clip",
+                io.Model.Output("MODEL", display_name="MODEL", tooltip="The MODEL with the LoRAs applied."),
+                io.Clip.Output("CLIP", display_name="CLIP",
                                tooltip="The CLIP with the LoRAs applied (unchanged in model-only mode; None "
                                        "when no CLIP was connected)."),
-                LoraStackType.Output("lora_stack", display_name="lora_stack",
+                LoraStackType.Output("LORA_STACK", display_name="LORA_STACK",
                                      tooltip="The incoming stack plus this node's active rows, for other nodes "
                                              "that take a LORA_STACK. Do not also feed it to a stack that "
                                              "gets this node's MODEL, or the LoRAs apply twice."),

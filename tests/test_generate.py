@@ -224,3 +224,16 @@ def test_green_prompt_marks_green_tokens(tiny):
     assert torch.equal(cond[0][0], plain[0][0]), "the conditioning itself is core's encode of the full text"
     _, text2, tokens2 = G.GreenPrompt.execute(clip, "an apple", "").result
     assert text2 == "an apple" and json.loads(tokens2) == {"l": []}
+
+
+def test_schemas_validate_in_the_host(comfy_host):
+    """ComfyUI's own schema validation (unique ids, tooltips) for this module's nodes."""
+    from diffumatting.nodes import generate, lora
+
+    for cls in (*generate.NODES, *lora.NODES):
+        info = cls.GET_NODE_INFO_V1()
+        assert info["category"].startswith("DiffuMatting/") and info["description"]
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+        assert all(info["output_tooltips"]), cls.__name__
