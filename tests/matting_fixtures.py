@@ -54,8 +54,7 @@ def write_tiny_head(base: Path, seed: int = 0) -> str:
 
         with safe_open(str(ckpt), "pt") as f:
             keys = [k for k in f.keys() if k.startswith("first_stage_model.decoder.")]
-            sd = {k: f.get_slice(k) for k in keys}
-            shapes = {k: _Shape(sd[k].get_shape()) for k in keys}
+            shapes = {k: _Shape(f.get_slice(k).get_shape()) for k in keys}
         config = HeadConfig.for_vae_state_dict(shapes, prefix="first_stage_model.decoder.")
     head = MattingHead(config).reset_parameters(seed)
     path = Path(base) / "models" / "diffumatting" / TINY_HEAD_NAME
