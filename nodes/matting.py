@@ -356,14 +356,15 @@ class MattingVAEDecode(io.ComfyNode):
             if refine_with_greenpost:
                 colour, alpha = _greenpost(rgb, alpha)
         else:
-            if mode is Tiling.ALWAYS:
-                scale = _upscale(vae)
-                t = max(8, int(tile_size) // scale)
-                # core's tiled decode also runs tiles of t/2 x 2t: its overlap must stay below t/2
-                rgb = vae.decode_tiled(latent, tile_x=t, tile_y=t,
-                                       overlap=max(0, min(int(tile_overlap) // scale, t // 4)))
-            else:
-                rgb = vae.decode(latent)
+            with torch.no_grad():
+                if mode is Tiling.ALWAYS:
+                    scale = _upscale(vae)
+                    t = max(8, int(tile_size) // scale)
+                    # core's tiled decode also runs tiles of t/2 x 2t: its overlap must stay below t/2
+                    rgb = vae.decode_tiled(latent, tile_x=t, tile_y=t,
+                                           overlap=max(0, min(int(tile_overlap) // scale, t // 4)))
+                else:
+                    rgb = vae.decode(latent)
             if rgb.ndim == 5:  # video VAEs: frames as batch
                 rgb = rgb.reshape(-1, *rgb.shape[-3:])
             rgb = rgb[..., :3].float()

@@ -198,6 +198,9 @@ def test_greenpost_paths(M, vae, head, monkeypatch):
     assert len(calls) == 2 and calls[1] is None
     assert torch.allclose(image2, image, atol=1e-6)
     assert alpha2.shape == (2, 64, 64) and rgba2.shape == (2, 64, 64, 4)
+    image3, alpha3, _, _ = M.MattingVAEDecode.execute({"samples": latent}, vae, None, tiling="always",
+                                                      tile_size=64, tile_overlap=32).result
+    assert len(calls) == 3 and image3.shape == (2, 64, 64, 3) and alpha3.shape == (2, 64, 64)
 
 
 # --- loader -------------------------------------------------------------------------------------------------
