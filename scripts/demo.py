@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
             link.symlink_to(args.model.resolve())
         workflow = json.loads((ROOT / "workflows" / "generate_green_canvas.json").read_text())
         set_widget(workflow, "CheckpointLoaderSimple", 0, args.model.name)
+        # The workflow's 64x64 / 3 steps suit the tests' tiny checkpoint; a real one needs real settings.
+        set_widget(workflow, "EmptyLatentImage", 0, 512)
+        set_widget(workflow, "EmptyLatentImage", 1, 512)
+        set_widget(workflow, "KSampler", 2, 20)
     print(f"[demo] starting ComfyUI ({HOST}) with the pack; output folder {base / 'output'}", file=sys.stderr)
     with ComfyServer(base) as server:
         entry = server.run_workflow(workflow, timeout=args.timeout)
