@@ -1,2 +1,127 @@
-"""GreenPost refinement nodes (filled in by the keying work)."""
-NODES: list = []
+"""GreenPost refinement node: key a green-screen IMAGE (optionally refining a predicted alpha).
+
+Outputs follow the pack's convention (models/alpha.py): `alpha` is opacity (1 = opaque object),
+`transparency_mask` is core's LoadImage / JoinImageWithAlpha convention (1 = transparent).
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from comfy_api.latest import io
+
+from ..models.alpha import parse_hex_color
+from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, Quality, greenpost
+from ._schema import CATEGORY, enum_options, schema
+
+FAMILY = f"{CATEGORY}/refine"
+
+ALPHA_TIP = "Opacity, 1 = opaque object (the convention of this pack's `alpha` sockets and of segmenters)."
+TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that core's LoadImage and "
+             "SplitImageWithAlpha output and JoinImageWithAlpha expects.")
+
+
+def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, quality) -> GreenPostOptions:
+    mode = KeyMode(str(key_mode))
+    key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
+    return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
+                            clip_black=float(clip_black), clip_white=float(clip_white), quality=str(quality))
+
+
+class GreenPost(io.ComfyNode):
+    """Key green-screen images to straight foreground + alpha (GreenPost)."""
+
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="DiffuMattingGreenPost",
+            display_name="GreenPost (green-screen refine)",
+            category=FAMILY,
+            description="Keys images on a green backing (photographed or generated) to a straight, despilled "
+                        "foreground and its alpha. The backing is estimated from the image itself (uneven light, "
+                        "shadows), so it need not be flat. Optionally refines an alpha a network predicted.",
+            search_aliases=["chroma key", "green screen", "keyer", "remove green background", "despill",
+                            "greenscreen", "matte", "background removal"],
+            inputs=[
+                io.Image.Input("image", tooltip="Green-screen image(s): RGB, or RGBA (its alpha multiplies the "
+                                                "result) or grey. Any size, any batch."),
+                io.Mask.Input("alpha_prior", optional=True,
+                              tooltip="Optional alpha predicted by a network, e.g. DiffuMatting VAE Decode's "
+                                      "`alpha` (1 = opaque object; NOT core's LoadImage mask, which is "
+                                      "1 = transparent). Used as seeds, as a garbage matte and where the "
+                                      "colours cannot tell object from backing."),
+                io.Combo.Input("key_mode", options=enum_options(KeyMode), default=KeyMode.AUTO.value,
+                               tooltip="auto: estimate the backing colour from the image; picked: use key_color."),
+                io.String.Input("key_color", default="#00b140",
+                                tooltip="Backing colour as #RRGGBB, used when key_mode is 'picked'. "
+                                        + OPTION_DOCS["key_color"].split(". ", 1)[1]),
+                io.Float.Input("spill_strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip=OPTION_DOCS["spill_strength"]),
+                io.Float.Input("edge_detail", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip=OPTION_DOCS["edge_detail"]),
+                io.Float.Input("clip_black", default=0.0, min=0.0, max=0.99, step=0.01,
+                               tooltip=OPTION_DOCS["clip_black"]),
+                io.Float.Input("clip_white", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip=OPTION_DOCS["clip_white"]),
+                io.Combo.Input("quality", options=enum_options(Quality), default=Quality.FULL.value,
+                               tooltip=OPTION_DOCS["quality"]),
+            ],
+            outputs=[
+                io.Image.Output("foreground", display_name="foreground",
+                                tooltip="Straight (not premultiplied) RGB of the object with the green spill "
+                                        "removed; use it with `alpha`."),
+                io.Mask.Output("alpha", display_name="alpha", tooltip=ALPHA_TIP),
+                io.Image.Output("rgba", display_name="rgba",
+                                tooltip="4-channel IMAGE: the straight foreground and alpha; save it with Save "
+                                        "Transparent PNG."),
+                io.Mask.Output("transparency_mask", display_name="transparency_mask", tooltip=TMASK_TIP),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, key_mode=None, key_color=None, clip_black=None, clip_white=None, **_):
+        if key_mode is not None and key_color is not None and str(key_mode) == KeyMode.PICKED.value:
+            try:
+                GreenPostOptions(key_color=parse_hex_color(key_color))
+            except ValueError as e:
+                return str(e)
+        if clip_black is not None and clip_white is not None and float(clip_black) >= float(clip_white):
+            return (f"clip_black={clip_black} must be below clip_white={clip_white}; lower clip_black or raise "
+                    f"clip_white")
+        return True
+
+    @classmethod
+    def execute(cls, image, alpha_prior=None, key_mode=KeyMode.AUTO.value, key_color="#00b140",
+                spill_strength=1.0, edge_detail=0.5, clip_black=0.0, clip_white=1.0,
+                quality=Quality.FULL.value) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, quality)
+        if image.ndim == 3:
+            image = image[None]
+        n = image.shape[0]
+        if alpha_prior is not None:
+            if alpha_prior.ndim == 2:
+                alpha_prior = alpha_prior[None]
+            if alpha_prior.ndim != 3 or alpha_prior.shape[0] not in (1, n):
+                raise ValueError(f"alpha_prior has shape {tuple(alpha_prior.shape)}: expected one mask or {n} "
+                                 f"(one per image) of the image's size")
+        device = mm.get_torch_device()
+        out_device = mm.intermediate_device()
+        pbar = comfy.utils.ProgressBar(n)
+        fgs, alphas = [], []
+        for i in range(n):
+            mm.throw_exception_if_processing_interrupted()
+            prior = None if alpha_prior is None else alpha_prior[min(i, alpha_prior.shape[0] - 1)][None].to(device)
+            fg, a = greenpost(image[i:i + 1].to(device), prior, opts)
+            fgs.append(fg.to(out_device))
+            alphas.append(a.to(out_device))
+            pbar.update(1)
+        fg = torch.cat(fgs)
+        alpha = torch.cat(alphas).clamp(0.0, 1.0)
+        rgba = torch.cat([fg, alpha.unsqueeze(-1)], dim=-1)
+        return io.NodeOutput(fg, alpha, rgba, 1.0 - alpha)
+
+
+NODES = [GreenPost]

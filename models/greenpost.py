@@ -1,0 +1,446 @@
+"""GreenPost: green-screen keying and refinement (straight foreground with spill removed, plus alpha).
+
+How it works (all vectorised torch; heavy spatial work runs on a grid `f` times coarser than the image,
+f a power of two chosen so the grid is at most ~320 pixels on its long side):
+
+1. Key colour: picked, or estimated as the median of the clearly key-dominant pixels.
+2. Backing plate B(x): pixels whose colour is the key's up to brightness (a brightness-invariant
+   colour-difference ratio) are sure backing; B is filled under the object by pull-push interpolation
+   (a normalised-convolution pyramid), so light falloff, hot spots and contact shadows are followed.
+   The noise of the photo (sensor noise, JPEG) is measured on the backing from the residual I - B.
+3. Foreground prior F0(x) and its local colour covariance S_F(x): the same pull-push from sure
+   foreground pixels (no key-colour excess, away from the backing) spreads the nearby object colours
+   and their spread outward over the edge.
+4. Alpha by discriminant unmixing: with d = F0 - B, the compositing equation I - B = a(F - B) + noise is
+   projected on w = (S_F + S_noise)^-1 d, the direction that best separates the object's local colours
+   from the backing while ignoring the object's texture and the noise: a = w.(I - B) / w.d. It is kept
+   within the physically possible range (F in [0,1]^3 gives a lower bound; an object without key
+   excess gives the colour-difference upper bound), and values within the measured noise of 0 or 1 are
+   snapped (the `edge_detail` option sets how many noise deviations).
+5. A second pass (quality "full") re-estimates the backing with the first matte and re-estimates F0
+   from the unmixed colours of partly transparent pixels (weights a^2), then unmixes again.
+6. Foreground: maximum a posteriori unmixing F = (a(I - (1-a)B) + m F0) / (a^2 + m), then spill
+   removal: the key-colour excess of F beyond the excess of its surrounding clean object colour is
+   removed (`spill_strength` of it).
+
+With a prior alpha (from a network), pixels the prior calls solid inside and clearly outside are used as
+seeds, the prior works as a garbage/holdout matte, and it replaces the key where the colours cannot
+separate object and backing (objects of the backing's own colour).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+
+class Quality(str, Enum):
+    FULL = "full"
+    FAST = "fast"
+
+
+class KeyMode(str, Enum):
+    AUTO = "auto"
+    PICKED = "picked"
+
+
+# One line per option; the node reuses them as tooltips.
+OPTION_DOCS = {
+    "key_color": "Backing colour to key out, (r, g, b) in 0..1, or None to estimate it from the image (the most "
+                 "common strongly green colour). Pick it from a well-lit part of the backing.",
+    "spill_strength": "How much green spill to remove from the object's colour (0 = keep the colour as unmixed, "
+                      "1 = remove all key-colour cast beyond the object's own nearby colour).",
+    "edge_detail": "Balance between faint detail and a clean matte: 0 snaps everything within 3 noise deviations "
+                   "of the backing or the object to fully transparent/opaque (clean, crisp), 1 keeps every faint "
+                   "wisp the colours support (fine hair, smoke; noisier). 0.5 suits most photos.",
+    "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
+    "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
+    "quality": "full: two passes (the backing and the object colours are re-estimated from the first matte); "
+               "fast: one pass, about twice as fast, slightly less accurate at wispy edges.",
+}
+
+
+@dataclass(frozen=True)
+class GreenPostOptions:
+    """Keying options; see OPTION_DOCS for what each does."""
+
+    key_color: tuple[float, float, float] | None = None
+    spill_strength: float = 1.0
+    edge_detail: float = 0.5
+    clip_black: float = 0.0
+    clip_white: float = 1.0
+    quality: str = Quality.FULL.value
+
+    def __post_init__(self):
+        if self.key_color is not None:
+            kc = tuple(self.key_color)
+            if len(kc) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
+                                       for v in kc):
+                raise ValueError(f"key_color={self.key_color!r}: expected None (auto) or three numbers (r, g, b) in "
+                                 f"0..1; divide 8-bit values by 255")
+            if max(kc) - min(kc) < 0.05:
+                raise ValueError(f"key_color={self.key_color!r} is grey: a keyable backing has one dominant channel "
+                                 f"(e.g. green (0.1, 0.8, 0.2)); pick the colour of the backing or use auto")
+        for name, lo, hi in (("spill_strength", 0.0, 1.0), ("edge_detail", 0.0, 1.0), ("clip_black", 0.0, 1.0),
+                             ("clip_white", 0.0, 1.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"{name}={v!r}: expected a number in [{lo}, {hi}]")
+        if self.clip_black >= self.clip_white:
+            raise ValueError(f"clip_black={self.clip_black} must be below clip_white={self.clip_white}; lower "
+                             f"clip_black or raise clip_white")
+        if self.quality not in {q.value for q in Quality}:
+            raise ValueError(f"quality={self.quality!r}: expected one of {[q.value for q in Quality]}")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Average over f x f blocks (ragged border blocks average what they have). x: (N, C, H, W)."""
+    if f == 1:
+        return x
+    return F.avg_pool2d(x, f, stride=f, ceil_mode=True)
+
+
+def _min_pool(m: torch.Tensor, f: int) -> torch.Tensor:
+    """1 where the whole f x f block is 1. m: (N, 1, H, W) in {0, 1}."""
+    if f == 1:
+        return m
+    return -F.max_pool2d(-m, f, stride=f, ceil_mode=True)
+
+
+def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
+    if r <= 0:
+        return m
+    return F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
+
+
+def _erode(m: torch.Tensor, r: int) -> torch.Tensor:
+    if r <= 0:
+        return m
+    return -F.max_pool2d(-m, 2 * r + 1, stride=1, padding=r)
+
+
+def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def pull_push(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Fill a sparse field: num (N, C, h, w) = value * weight averages, den (N, 1, h, w) = weight averages in
+    [0, 1]. Returns (dense field, whether any weight was present). Coarser levels fill where data is thin."""
+    levels = []
+    n, d = num, den
+    while n.shape[-2] > 1 or n.shape[-1] > 1:
+        levels.append((n, d))
+        k = (2 if n.shape[-2] > 1 else 1, 2 if n.shape[-1] > 1 else 1)
+        n = F.avg_pool2d(n, k, stride=k, ceil_mode=True)
+        d = F.avg_pool2d(d, k, stride=k, ceil_mode=True)
+    has = bool(d.max() > 0)
+    est = n / d.clamp_min(1e-12)
+    for n_l, d_l in reversed(levels):
+        est = n_l + (1.0 - d_l) * _up(est, tuple(n_l.shape[-2:]))
+    return est, has
+
+
+def _dominant(key: torch.Tensor) -> tuple[int, list[int]]:
+    p = int(torch.argmax(key))
+    return p, [c for c in range(3) if c != p]
+
+
+def _excess(x: torch.Tensor, p: int, o: list[int]) -> torch.Tensor:
+    """Key-channel excess over the larger other channel (colour difference). x: (N, 3, H, W) -> (N, 1, H, W)."""
+    return x[:, p:p + 1] - torch.maximum(x[:, o[0]:o[0] + 1], x[:, o[1]:o[1] + 1])
+
+
+def estimate_key_color(rgb: torch.Tensor) -> torch.Tensor:
+    """Auto key: median colour of the clearly green-dominant pixels. rgb: (3, H, W) -> (3,)."""
+    x = rgb[None]
+    f = 1
+    while max(x.shape[-2:]) / f > 256:
+        f *= 2
+    small = _pool(x, f)[0].reshape(3, -1)
+    e = small[1] - torch.maximum(small[0], small[2])
+    strong = e.quantile(0.98) if e.numel() > 1 else e.max()
+    sel = e > torch.clamp(0.5 * strong, min=0.04)
+    if int(sel.sum()) == 0:
+        return torch.tensor([0.1, 0.7, 0.2], device=rgb.device)
+    return small[:, sel].median(dim=1).values
+
+
+def _solve3(S: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Solve S w = d for symmetric 3x3 S per pixel. S: (N, 6, h, w) as xx, yy, zz, xy, xz, yz; d: (N, 3, h, w)."""
+    a, b, c, xy, xz, yz = S.unbind(1)
+    c00 = b * c - yz * yz
+    c01 = xz * yz - xy * c
+    c02 = xy * yz - xz * b
+    c11 = a * c - xz * xz
+    c12 = xy * xz - a * yz
+    c22 = a * b - xy * xy
+    det = a * c00 + xy * c01 + xz * c02
+    d0, d1, d2 = d.unbind(1)
+    w0 = c00 * d0 + c01 * d1 + c02 * d2
+    w1 = c01 * d0 + c11 * d1 + c12 * d2
+    w2 = c02 * d0 + c12 * d1 + c22 * d2
+    return torch.stack([w0, w1, w2], 1) / det.clamp_min(1e-30)[:, None]
+
+
+def _quad(S: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w^T S w per pixel -> (N, 1, h, w)."""
+    a, b, c, xy, xz, yz = S.unbind(1)
+    w0, w1, w2 = w.unbind(1)
+    q = a * w0 * w0 + b * w1 * w1 + c * w2 * w2 + 2 * (xy * w0 * w1 + xz * w0 * w2 + yz * w1 * w2)
+    return q[:, None]
+
+
+GREENISH_FALLBACK = False
+TUNE = dict(notbg=0.35, seed=0.1, er_full=0, er_low=2, fallback=True, fb_abs=0.15, fb_er=2, fb_far=8, despill_floor=0.0)
+DEBUG: dict | None = None
+_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+# ----------------------------------------------------------------------------------------------- core
+
+def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key one image. rgb: (3, H, W) float32; prior: (H, W) or None. Returns fg (3, H, W), alpha (H, W)."""
+    H, W = rgb.shape[-2:]
+    dev = rgb.device
+    x = rgb[None]  # (1, 3, H, W)
+    f = 1
+    while max(H, W) / f > 320:
+        f *= 2
+    size = (H, W)
+
+    key = (torch.tensor(opt.key_color, dtype=torch.float32, device=dev) if opt.key_color is not None
+           else estimate_key_color(rgb))
+    p, o = _dominant(key)
+    e_key = float(_excess(key.view(1, 3, 1, 1), p, o).clamp_min(1e-3))
+    kp = float(key[p].clamp_min(1e-3))
+
+    # 1. brightness-invariant screen-ness: 1 on the key at any brightness, <= 0 without key excess
+    e_img = _excess(x, p, o)
+    bright = (x[:, p:p + 1] / kp).clamp_min(0.15)
+    screen = e_img / (e_key * bright)
+    sure_bg = (screen > 0.8).float()
+    if prior is not None:
+        sure_bg = sure_bg * (prior[None, None] < 0.1).float()
+
+    def plate(bg_mask: torch.Tensor) -> torch.Tensor:
+        m = _min_pool(bg_mask, f)
+        num = _pool(x * bg_mask, f) * m / _pool(bg_mask, f).clamp_min(1e-6)
+        est, has = pull_push(num, m)
+        if not has:
+            est = key.view(1, 3, 1, 1).expand(1, 3, *m.shape[-2:])
+        return est
+
+    B_low = plate(sure_bg)
+    B = _up(B_low, size)
+
+    # noise of the photo on the backing (robust: median of squared residuals / chi2 median)
+    def noise_var(bg_mask: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
+        r2 = ((x - Bf) ** 2).reshape(3, -1)[:, bg_mask.reshape(-1) > 0]
+        if r2.shape[1] < 16:
+            return torch.full((3,), 1e-4, device=dev)
+        step = max(1, r2.shape[1] // 200000)
+        return (r2[:, ::step].median(dim=1).values / 0.4549).clamp(1e-6, 0.05)
+
+    var_n = noise_var(sure_bg, B)
+
+    # 3. foreground seeds: no key excess and not next to the backing
+    not_bg = (screen < TUNE["notbg"]).float()
+    seeds = (screen < TUNE["seed"]).float()
+    if prior is not None:
+        seeds = torch.maximum(seeds * (prior[None, None] > 0.5).float(), (prior[None, None] > 0.95).float())
+        not_bg = torch.maximum(not_bg, (prior[None, None] > 0.5).float())
+    interior_low = _erode(_min_pool(_erode(not_bg, TUNE['er_full']), f), TUNE['er_low'])
+    seeds_low = _min_pool(seeds, f) * interior_low
+    # objects of the key's own hue (no clean seeds nearby): their solid interior seeds too
+    if TUNE["fallback"]:
+        # objects of the key's own hue have no clean seeds: the solid interior of whatever differs clearly from
+        # the backing plate (no backing-like pixel within a few grid cells), away from the clean seeds, seeds too
+        d2 = ((x - B) ** 2).sum(1, keepdim=True)
+        differs = (d2 > 16.0 * float(var_n.sum()) + TUNE["fb_abs"] ** 2).float()
+        solid = _erode(_min_pool(differs, f), TUNE["fb_er"])
+        far = 1.0 - _dilate(seeds_low, TUNE["fb_far"])
+        seeds_low = torch.maximum(seeds_low, solid * far)
+    seeds_full = _up(seeds_low, size).gt(0.5).float()
+
+    def fg_moments(weight: torch.Tensor, colours: torch.Tensor):
+        """Pull-push of the weighted local mean and covariance of `colours` (1,3,H,W)."""
+        wsum = _pool(weight, f)
+        chans = [colours * weight] + [colours[:, i:i + 1] * colours[:, j:j + 1] * weight for i, j in _PAIRS]
+        num = _pool(torch.cat(chans, 1), f)
+        est, has = pull_push(num, wsum)
+        if not has:
+            return None
+        mean = est[:, :3]
+        cov = torch.cat([est[:, 3 + k:4 + k] - mean[:, i:i + 1] * mean[:, j:j + 1]
+                         for k, (i, j) in enumerate(_PAIRS)], 1)
+        return mean, cov
+
+    def solve_alpha(B_low, mom, noise):
+        if mom is None:  # nothing in the image is foreground-coloured: everything is backing
+            F0_low = torch.ones_like(B_low) * (1 - key.view(1, 3, 1, 1))
+            cov = torch.zeros(1, 6, *B_low.shape[-2:], device=dev)
+        else:
+            F0_low, cov = mom
+        d = F0_low - B_low
+        S = cov.clone()
+        S[:, :3] += noise.view(1, 3, 1, 1) + 1e-4
+        wv = _solve3(S, d)
+        wd = (wv * d).sum(1, keepdim=True).clamp_min(1e-8)
+        sig0 = _quad(S - cov, wv).clamp_min(0).sqrt() / wd  # alpha noise near 0 (photo noise only)
+        sig1 = _quad(S, wv).clamp_min(0).sqrt() / wd         # near 1 (plus object texture)
+        ex0 = _excess(F0_low, p, o)
+        low = torch.cat([wv / wd, B_low, F0_low, sig0, sig1, ex0], 1)
+        up = _up(low, size)
+        wn, Bf, F0, s0, s1, exF = up[:, :3], up[:, 3:6], up[:, 6:9], up[:, 9:10], up[:, 10:11], up[:, 11:12]
+        diff = x - Bf
+        a = (wn * diff).sum(1, keepdim=True)
+        # physical bounds: F = B + (I - B)/a in [0,1]  =>  a >= |I-B| / (room), with a noise margin
+        marg = 2.0 * noise.sqrt().view(1, 3, 1, 1)
+        room = torch.where(diff < 0, Bf, 1 - Bf).clamp_min(1e-3)
+        a_min = ((diff.abs() - marg).clamp_min(0) / room).amax(1, keepdim=True)
+        # colour-difference upper bound for objects without key excess (e(F) <= e(F0)+margin)
+        eB = _excess(Bf, p, o)
+        eF = exF.clamp_min(0) + 0.05
+        a_max = ((eB - _excess(x, p, o) + 2.0 * marg[:, p:p + 1]) / (eB - eF).clamp_min(1e-3)).where(eB - eF > 0.05,
+                                                                                                  torch.ones_like(a))
+        if DEBUG is not None:
+            DEBUG.update(a_raw=a, a_min=a_min, a_max=a_max, s0=s0, s1=s1, F0=F0, B=Bf)
+        a = torch.minimum(torch.maximum(a, a_min), a_max.clamp_min(0))
+        k = 3.0 * (1.0 - opt.edge_detail)
+        lo = k * s0
+        hi = 1.0 - k * s1.clamp(max=0.3)
+        a = ((a - lo) / (hi - lo).clamp_min(0.05)).clamp(0, 1)
+        return a, Bf, F0, s1
+
+    fast = opt.quality == Quality.FAST.value
+    mom = fg_moments(seeds_full, x)
+    a, Bf, F0, s1 = solve_alpha(B_low, mom, var_n)
+    F0_clean = F0
+
+    if not fast:
+        # second pass: backing from the pixels the first matte calls clear, object colours from the unmixed
+        # colours of the (partly) opaque pixels, weighted by a^2 (reliability of unmixing)
+        bg2 = (a < 0.01).float() * (screen > 0.3).float()
+        if prior is not None:
+            bg2 = bg2 * (prior[None, None] < 0.5).float()
+        if float(bg2.sum()) > 16:
+            B_low = plate(bg2)
+            Bf = _up(B_low, size)
+            var_n = noise_var(bg2, Bf)
+        un = (Bf + (x - Bf) / a.clamp_min(0.05)).clamp(0, 1)
+        wgt = torch.where(a > 0.3, a * a, torch.zeros_like(a)) * not_bg.clamp(min=(a > 0.3).float())
+        mom2 = fg_moments(torch.maximum(wgt, seeds_full), torch.where(seeds_full > 0, x, un))
+        a, Bf, F0, s1 = solve_alpha(B_low, mom2 if mom2 is not None else mom, var_n)
+
+    if prior is not None:
+        pr = prior[None, None]
+        r = max(1, round(min(H, W) / 100))
+        # where the colours barely separate object and backing (separation 1/s1 below ~6 deviations)
+        # the prior decides
+        conf = ((1.0 / s1.clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
+        a = conf * a + (1 - conf) * pr
+        outside = _dilate((pr > 0.02).float(), r)
+        inside = _erode((pr > 0.98).float(), r)
+        a = torch.maximum(a * outside, inside)
+
+    if opt.clip_black > 0 or opt.clip_white < 1:
+        a = ((a - opt.clip_black) / (opt.clip_white - opt.clip_black)).clamp(0, 1)
+
+    # foreground: MAP unmixing with the local object colour as prior, then spill removal
+    m = 0.02
+    fg = ((a * (x - (1 - a) * Bf) + m * F0) / (a * a + m)).clamp(0, 1)
+    if opt.spill_strength > 0:
+        e0 = _excess(F0_clean, p, o)
+        allowed = torch.where(e0 > 0.25 * e_key, e0, e0.clamp(min=TUNE["despill_floor"], max=0.0))
+        spill = (_excess(fg, p, o) - allowed).clamp_min(0)
+        fg = fg.clone()
+        fg[:, p:p + 1] = fg[:, p:p + 1] - opt.spill_strength * spill
+    return fg[0], a[0, 0]
+
+
+# ----------------------------------------------------------------------------------------------- API
+
+def _check_image(image) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image is a {type(image).__name__}: expected a torch.Tensor IMAGE (B, H, W, C) in [0, 1]")
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        hint = " (add the batch dimension with image[None])" if image.ndim == 3 else ""
+        raise ValueError(f"image shape {tuple(image.shape)}: expected (B, H, W, C) with C = 1, 3 or 4{hint}")
+    if min(image.shape[:3]) < 1:
+        raise ValueError(f"image shape {tuple(image.shape)} is empty: every dimension must be at least 1")
+    if not image.is_floating_point():
+        raise ValueError(f"image dtype {image.dtype}: expected floats in [0, 1]; convert with image.float() / 255")
+    img = image.float()
+    if not bool(torch.isfinite(img).all()):
+        raise ValueError("image contains NaN or infinite values: expected finite floats in [0, 1]")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < -0.01 or hi > 1.01:
+        raise ValueError(f"image values span [{lo:.3g}, {hi:.3g}]: expected [0, 1]"
+                         + ("; divide 8-bit images by 255" if hi > 1.5 else ""))
+    return img.clamp(0, 1)
+
+
+def _check_prior(prior, shape) -> torch.Tensor | None:
+    if prior is None:
+        return None
+    B, H, W = shape
+    if not isinstance(prior, torch.Tensor):
+        raise ValueError(f"prior_alpha is a {type(prior).__name__}: expected a torch.Tensor (B, H, W) or None")
+    if prior.ndim == 2:
+        prior = prior[None]
+    if prior.ndim != 3 or tuple(prior.shape[-2:]) != (H, W) or prior.shape[0] not in (1, B):
+        raise ValueError(f"prior_alpha shape {tuple(prior.shape)}: expected ({B}, {H}, {W}) or (1, {H}, {W}) to match "
+                         f"the image; resize the mask to the image first")
+    prior = prior.float()
+    if not bool(torch.isfinite(prior).all()):
+        raise ValueError("prior_alpha contains NaN or infinite values: expected an alpha in [0, 1]")
+    lo, hi = float(prior.min()), float(prior.max())
+    if lo < -0.01 or hi > 1.01:
+        raise ValueError(f"prior_alpha values span [{lo:.3g}, {hi:.3g}]: expected [0, 1] (1 = opaque)")
+    return prior.clamp(0, 1).expand(B, H, W)
+
+
+def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
+              options: GreenPostOptions | None = None, *, prior_alpha_bhw: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key a batch of green-screen images.
+
+    image: (B, H, W, C) float in [0, 1], C = 1 (grey), 3 (RGB) or 4 (RGBA: the RGB is keyed and the result's
+    alpha is multiplied by the input's). prior_alpha: optional (B, H, W) alpha from a network (1 = opaque)
+    to refine (`prior_alpha_bhw` is an alias). Returns (foreground (B, H, W, 3) straight colour with the
+    spill removed, alpha (B, H, W), 1 = opaque), float32 on the image's device. Runs where the tensor is.
+    """
+    if options is None:
+        options = GreenPostOptions()
+    if not isinstance(options, GreenPostOptions):
+        raise ValueError(f"options is a {type(options).__name__}: expected GreenPostOptions")
+    if prior_alpha is not None and prior_alpha_bhw is not None:
+        raise ValueError("pass the prior alpha once: prior_alpha or its alias prior_alpha_bhw, not both")
+    prior_alpha = prior_alpha if prior_alpha is not None else prior_alpha_bhw
+    img = _check_image(image)
+    B, H, W, C = img.shape
+    prior = _check_prior(prior_alpha, (B, H, W))
+    if prior is not None:
+        prior = prior.to(img.device)
+    if C == 1:
+        rgb = img.expand(B, H, W, 3)
+    else:
+        rgb = img[..., :3]
+    fgs, alphas = [], []
+    with torch.no_grad():
+        for i in range(B):
+            fg, a = _key_one(rgb[i].permute(2, 0, 1).contiguous(), None if prior is None else prior[i], options)
+            fgs.append(fg.permute(1, 2, 0))
+            alphas.append(a)
+    fg = torch.stack(fgs)
+    alpha = torch.stack(alphas)
+    if C == 4:
+        alpha = alpha * img[..., 3]
+    return fg.contiguous(), alpha.contiguous()
