@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint in <out>/checkpoints (or the given folder)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set loss.green=0.2 (repeatable)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop cleanly after N steps in this session, writing a checkpoint (as Ctrl-C does); "
+                        "for time-limited jobs: continue with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (run.progress = false)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     return p
@@ -117,7 +120,10 @@ def main(argv=None) -> int:
     try:
         from diffumatting.training.loop import Trainer
 
-        trainer = Trainer(cfg, dist, resume=args.resume)
+        if args.stop_after is not None and args.stop_after < 1:
+            print("train.py: error: --stop-after must be >= 1", file=sys.stderr)
+            return 2
+        trainer = Trainer(cfg, dist, resume=args.resume, stop_after=args.stop_after)
         try:
             return trainer.run()
         except C.ConfigError as e:

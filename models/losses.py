@@ -158,7 +158,7 @@ def attention_iou(att: torch.Tensor, alpha: torch.Tensor, latent_hw: tuple[int, 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
-def sobel_magnitude(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def sobel_magnitude(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-channel Sobel gradient magnitude of (B,C,H,W) (replicate padding, same size).
 
     The kernel is normalised by 8, so a unit step gives magnitude 1/2 on the two pixels beside it.

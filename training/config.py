@@ -31,7 +31,6 @@ class RunConfig:
     checkpoint_every: int = 250             # steps between resumable checkpoints (plus one at each stage end)
     keep_checkpoints: int = 3               # how many resumable checkpoints to keep (oldest deleted)
     progress: bool = True                   # tqdm progress bar on rank 0
-    workers: int = 0                        # data-loading worker processes per rank (0 = in the main process)
     comfyui: str = ""                       # ComfyUI folder (holds main.py); "" = auto-detect
     ddp_find_unused: bool = False           # DistributedDataParallel(find_unused_parameters=...)
     sample_count: int = 4                   # images per sample grid
@@ -63,6 +62,7 @@ class DataConfig:
     synthetic_count: int = 512              # source = synthetic: number of distinct objects
     cache_latents: bool = False             # cache VAE latents on disk (UNet stage); augmentations then cycle
     cache_variants: int = 4                 # ... through this many fixed variants per sample
+    cache_dir: str = ""                     # latent cache folder; "" = <out>/cache/latents (shareable between runs)
 
 
 @dataclass
@@ -262,10 +262,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
         p.append(f"run.gradient_checkpointing {r.gradient_checkpointing!r}: use auto, on or off")
     if not (r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:")):
         p.append(f"run.device {r.device!r}: use auto, cpu, cuda or cuda:N")
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "sample_count", "sample_steps"):
         if getattr(r, name) < 1:
             p.append(f"run.{name} must be >= 1, got {getattr(r, name)}")
-    for name in ("sample_every", "threads", "workers"):
+    for name in ("sample_every", "threads"):
         if getattr(r, name) < 0:
             p.append(f"run.{name} must be >= 0, got {getattr(r, name)}")
     if not m.tiny and not m.checkpoint:

@@ -116,9 +116,21 @@ def enable_gradient_checkpointing(unet: nn.Module) -> int:
     return n
 
 
+def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel (CPU and CUDA) when this torch has it, else the foreach one."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 class Trainer:
-    def __init__(self, cfg: C.TrainConfig, dist: Dist, resume: str | None = None, log=None):
+    def __init__(self, cfg: C.TrainConfig, dist: Dist, resume: str | None = None, log=None,
+                 stop_after: int | None = None):
         self.cfg = cfg
+        self.stop_after = stop_after
+        self.session_steps = 0
+        self.stopped_early = False
         self.dist = dist
         self.out = Path(cfg.run.out)
         self.ckpt_root = self.out / "checkpoints"
@@ -204,6 +216,8 @@ class Trainer:
         self.unet.requires_grad_(False)
         self.fsm.to(self.device).requires_grad_(False).eval()
         self.vae_dtype = next(self.fsm.parameters()).dtype
+        st = path.stat()
+        self.vae_id = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{self.vae_dtype}"
         self.log(f"loaded {path.name} ({self.family}, {self.prediction}-prediction) in {time.time() - t0:.1f}s "
                  f"on {self.device}{'' if self.amp_dtype is None else f', autocast {self.amp_dtype}'}")
 
@@ -287,11 +301,10 @@ class Trainer:
     def sample_latent(self, sample, idx: int, variant: int, use_cache: bool) -> torch.Tensor:
         if not use_cache:
             return None
-        key = cache_key(self.train_items[idx], variant, self.cfg.data.resolution, self.cfg.run.seed,
-                        f"{self.checkpoint_path().name}:{self.family}")
+        key = cache_key(self.train_items[idx], variant, self.cfg.data.resolution, self.cfg.run.seed, self.vae_id)
         if key in self._latent_mem:
             return self._latent_mem[key]
-        path = self.out / "cache" / "latents" / f"{key}.safetensors"
+        path = self.cache_dir() / f"{key}.safetensors"
         if path.is_file():
             from safetensors.torch import load_file
 
@@ -322,9 +335,12 @@ class Trainer:
                     if self.dist.is_main:
                         from safetensors.torch import save_file
 
-                        with atomic_path(self.out / "cache" / "latents" / f"{key}.safetensors") as tmp:
+                        with atomic_path(self.cache_dir() / f"{key}.safetensors") as tmp:
                             save_file({"latent": zi.contiguous()}, str(tmp))
         return torch.stack(latents).to(self.device)
+
+    def cache_dir(self) -> Path:
+        return Path(self.cfg.data.cache_dir) if self.cfg.data.cache_dir else self.out / "cache" / "latents"
 
     @staticmethod
     def _alpha(batch) -> torch.Tensor:
@@ -354,7 +370,7 @@ class Trainer:
 
             self.ddp = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            find_unused_parameters=self.cfg.run.ddp_find_unused)
-        self.opt = torch.optim.AdamW(params, lr=u.lr, weight_decay=u.weight_decay)
+        self.opt = make_adamw(params, u.lr, u.weight_decay)
         self.params = params
         lo = self.cfg.loss
         blocks = select_blocks(self.unet, lo.green_factors, tuple(lo.green_parts))
@@ -467,7 +483,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.head_ddp = DDP(self.head, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=h.lr)
+        self.head_opt = make_adamw(list(self.head.parameters()), h.lr, 0.0)
 
     @torch.no_grad()
     def decoder_features(self, images: torch.Tensor):
@@ -713,6 +729,9 @@ class Trainer:
         step = start
         interrupted = False
         t0 = time.time()
+        if self.stop_after is not None and self.session_steps >= self.stop_after and step < sc.steps:
+            self.stopped_early = True      # the previous stage used up this session's steps
+            return False
         while step < sc.steps:
             lr = self.lr_at(step, sc.lr, sc.warmup)
             for g in params_opt.param_groups:
@@ -756,7 +775,10 @@ class Trainer:
             if cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < sc.steps:
                 (self.unet_sample_grid if stage == "unet" else self.head_sample_grid)(step)
                 self.dist.barrier()
-            stop = self.dist.any_flag(self.interrupt.requested)
+            self.session_steps += 1
+            limit = self.stop_after is not None and self.session_steps >= self.stop_after and step < sc.steps
+            self.stopped_early = self.stopped_early or limit
+            stop = self.dist.any_flag(self.interrupt.requested or limit)
             if stop or step % cfg.run.checkpoint_every == 0 or step == sc.steps:
                 self.final_losses[stage] = {k: float(np.mean(v)) for k, v in recent.items()}
                 if step < sc.steps:
@@ -766,6 +788,7 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        self.runtime_bad.update(data.bad)
         if interrupted:
             return False
         if recent:
@@ -820,11 +843,14 @@ class Trainer:
         self.truncate_csv(stage, step)
         return (stage, (mt, ot, st)), done
 
-    def write_summary(self):
+    def bad_samples(self) -> list[str]:
+        return list(self.bad_files) + list(self.runtime_bad.values())
+
+    def write_summary(self, complete: bool):
         if not self.dist.is_main:
             return
-        summary = {"measures": self.measures, "final_losses": self.final_losses, "files": self.files,
-                   "bad_samples": self.bad_files + [b for b in getattr(self, "_bad_runtime", [])]}
+        summary = {"complete": complete, "measures": self.measures, "final_losses": self.final_losses,
+                   "files": self.files, "bad_samples": self.bad_samples()}
         with atomic_path(self.out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -832,6 +858,7 @@ class Trainer:
         """Run the configured stages; returns the process exit code (0 done, 130 interrupted)."""
         cfg = self.cfg
         self.files: dict = {}
+        self.runtime_bad: dict = {}
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out / "config.toml") as tmp:
@@ -841,7 +868,6 @@ class Trainer:
         self.load_models()
         self.build_items()
         self.hold_samples = self.holdout_samples()
-        bad_runtime: list[str] = []
         with self.interrupt:
             for stage in cfg.run.stages:
                 if stage in done:
@@ -850,11 +876,14 @@ class Trainer:
                 rs = resume[1] if resume is not None and resume[0] == stage else None
                 ok = self.run_stage(stage, rs)
                 if not ok:
+                    self.write_summary(complete=False)
+                    if self.stopped_early and not self.interrupt.requested:
+                        self.log(f"stopped after {self.session_steps} steps (--stop-after); checkpoint written; "
+                                 f"continue with --resume")
+                        return 0
                     self.log("interrupted: checkpoint written; continue with --resume")
-                    self.write_summary()
                     return 130
-        self._bad_runtime = bad_runtime
-        self.write_summary()
+        self.write_summary(complete=True)
         self.print_final()
         return 0
 
@@ -871,7 +900,7 @@ class Trainer:
         if "head_error_before" in m or "head_error_after" in m:
             lines.append(f"head alpha error (held-out MAE): before={m.get('head_error_before', float('nan')):.4f} "
                          f"after={m.get('head_error_after', float('nan')):.4f}")
-        if self.bad_files:
-            lines.append(f"bad samples skipped: {len(self.bad_files)}")
+        bad = self.bad_samples()
+        lines.append(f"bad samples skipped: {len(bad)}")
         for line in lines:
             self._print(line)
