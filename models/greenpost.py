@@ -9,19 +9,18 @@ f a power of two chosen so the grid is at most ~320 pixels on its long side):
    (a normalised-convolution pyramid), so light falloff, hot spots and contact shadows are followed.
    The noise of the photo (sensor noise, JPEG) is measured on the backing from the residual I - B.
 3. Foreground prior F0(x) and its local colour covariance S_F(x): the same pull-push from sure
-   foreground pixels (no key-colour excess, away from the backing) spreads the nearby object colours
-   and their spread outward over the edge.
+   foreground blocks (no key-colour excess, away from the backing; for objects of the key's own hue,
+   the solid interior of regions that differ clearly from the plate) spreads the nearby object colours
+   and their spread (block means and within-block second moments) outward over the edge.
 4. Alpha by discriminant unmixing: with d = F0 - B, the compositing equation I - B = a(F - B) + noise is
    projected on w = (S_F + S_noise)^-1 d, the direction that best separates the object's local colours
    from the backing while ignoring the object's texture and the noise: a = w.(I - B) / w.d. It is kept
    within the physically possible range (F in [0,1]^3 gives a lower bound; an object without key
    excess gives the colour-difference upper bound), and values within the measured noise of 0 or 1 are
    snapped (the `edge_detail` option sets how many noise deviations).
-5. A second pass (quality "full") re-estimates the backing with the first matte and re-estimates F0
-   from the unmixed colours of partly transparent pixels (weights a^2), then unmixes again.
-6. Foreground: maximum a posteriori unmixing F = (a(I - (1-a)B) + m F0) / (a^2 + m), then spill
-   removal: the key-colour excess of F beyond the excess of its surrounding clean object colour is
-   removed (`spill_strength` of it).
+5. Foreground: maximum a posteriori unmixing F = (a(I - (1-a)B) + m F0) / (a^2 + m), then spill
+   removal: the key channel's excess over the larger other channel is removed (`spill_strength` of it),
+   except, for objects of the key's own hue, the excess their surrounding clean colour has.
 
 With a prior alpha (from a network), pixels the prior calls solid inside and clearly outside are used as
 seeds, the prior works as a garbage/holdout matte, and it replaces the key where the colours cannot
@@ -35,11 +34,6 @@ from enum import Enum
 
 import torch
 import torch.nn.functional as F
-
-
-class Quality(str, Enum):
-    FULL = "full"
-    FAST = "fast"
 
 
 class KeyMode(str, Enum):
@@ -58,8 +52,6 @@ OPTION_DOCS = {
                    "wisp the colours support (fine hair, smoke; noisier). 0.5 suits most photos.",
     "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
     "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
-    "quality": "full: two passes (the backing and the object colours are re-estimated from the first matte); "
-               "fast: one pass, about twice as fast, slightly less accurate at wispy edges.",
 }
 
 
@@ -72,7 +64,6 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
-    quality: str = Quality.FULL.value
 
     def __post_init__(self):
         if self.key_color is not None:
@@ -92,8 +83,6 @@ class GreenPostOptions:
         if self.clip_black >= self.clip_white:
             raise ValueError(f"clip_black={self.clip_black} must be below clip_white={self.clip_white}; lower "
                              f"clip_black or raise clip_white")
-        if self.quality not in {q.value for q in Quality}:
-            raise ValueError(f"quality={self.quality!r}: expected one of {[q.value for q in Quality]}")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -197,23 +186,40 @@ def _quad(S: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return q[:, None]
 
 
-GREENISH_FALLBACK = False
-TUNE = dict(notbg=0.35, seed=0.1, er_full=0, er_low=2, fallback=True, fb_abs=0.15, fb_er=2, fb_far=8, despill_floor=0.0)
-DEBUG: dict | None = None
+GRID = 320  # long side of the coarse grid the smooth fields live on
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
 
 
 # ----------------------------------------------------------------------------------------------- core
 
+def _grid_factor(H: int, W: int, target: int) -> int:
+    """Power-of-two block size so the coarse grid is at most `target` cells on the long side."""
+    f = 1
+    while max(H, W) / f > target:
+        f *= 2
+    return f
+
+
+def _noise_var(x: torch.Tensor, bg: torch.Tensor, B_low: torch.Tensor) -> torch.Tensor:
+    """Per-channel noise variance on the backing: median squared residual to the plate / chi2(1) median,
+    on a strided subsample (at most ~65k pixels)."""
+    H, W = x.shape[-2:]
+    s = max(1, int(math.sqrt(H * W / 65536)))
+    xs = x[..., ::s, ::s]
+    ms = bg[..., ::s, ::s].reshape(-1)
+    r2 = ((xs - _up(B_low, tuple(xs.shape[-2:]))) ** 2).reshape(3, -1)[:, ms > 0]
+    if r2.shape[1] < 16:
+        return torch.full((3,), 1e-4, device=x.device)
+    return (r2.median(dim=1).values / 0.4549).clamp(1e-6, 0.05)
+
+
 def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Key one image. rgb: (3, H, W) float32; prior: (H, W) or None. Returns fg (3, H, W), alpha (H, W)."""
     H, W = rgb.shape[-2:]
+    size = (H, W)
     dev = rgb.device
     x = rgb[None]  # (1, 3, H, W)
-    f = 1
-    while max(H, W) / f > 320:
-        f *= 2
-    size = (H, W)
+    f = _grid_factor(H, W, GRID)
 
     key = (torch.tensor(opt.key_color, dtype=torch.float32, device=dev) if opt.key_color is not None
            else estimate_key_color(rgb))
@@ -223,145 +229,104 @@ def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOption
 
     # 1. brightness-invariant screen-ness: 1 on the key at any brightness, <= 0 without key excess
     e_img = _excess(x, p, o)
-    bright = (x[:, p:p + 1] / kp).clamp_min(0.15)
-    screen = e_img / (e_key * bright)
+    screen = e_img / x[:, p:p + 1].mul(e_key / kp).clamp_min(0.15 * e_key)
     sure_bg = (screen > 0.8).float()
-    if prior is not None:
-        sure_bg = sure_bg * (prior[None, None] < 0.1).float()
-
-    def plate(bg_mask: torch.Tensor) -> torch.Tensor:
-        m = _min_pool(bg_mask, f)
-        num = _pool(x * bg_mask, f) * m / _pool(bg_mask, f).clamp_min(1e-6)
-        est, has = pull_push(num, m)
-        if not has:
-            est = key.view(1, 3, 1, 1).expand(1, 3, *m.shape[-2:])
-        return est
-
-    B_low = plate(sure_bg)
-    B = _up(B_low, size)
-
-    # noise of the photo on the backing (robust: median of squared residuals / chi2 median)
-    def noise_var(bg_mask: torch.Tensor, Bf: torch.Tensor) -> torch.Tensor:
-        r2 = ((x - Bf) ** 2).reshape(3, -1)[:, bg_mask.reshape(-1) > 0]
-        if r2.shape[1] < 16:
-            return torch.full((3,), 1e-4, device=dev)
-        step = max(1, r2.shape[1] // 200000)
-        return (r2[:, ::step].median(dim=1).values / 0.4549).clamp(1e-6, 0.05)
-
-    var_n = noise_var(sure_bg, B)
-
-    # 3. foreground seeds: no key excess and not next to the backing
-    not_bg = (screen < TUNE["notbg"]).float()
-    seeds = (screen < TUNE["seed"]).float()
-    if prior is not None:
-        seeds = torch.maximum(seeds * (prior[None, None] > 0.5).float(), (prior[None, None] > 0.95).float())
-        not_bg = torch.maximum(not_bg, (prior[None, None] > 0.5).float())
-    interior_low = _erode(_min_pool(_erode(not_bg, TUNE['er_full']), f), TUNE['er_low'])
-    seeds_low = _min_pool(seeds, f) * interior_low
-    # objects of the key's own hue (no clean seeds nearby): their solid interior seeds too
-    if TUNE["fallback"]:
-        # objects of the key's own hue have no clean seeds: the solid interior of whatever differs clearly from
-        # the backing plate (no backing-like pixel within a few grid cells), away from the clean seeds, seeds too
-        d2 = ((x - B) ** 2).sum(1, keepdim=True)
-        differs = (d2 > 16.0 * float(var_n.sum()) + TUNE["fb_abs"] ** 2).float()
-        solid = _erode(_min_pool(differs, f), TUNE["fb_er"])
-        far = 1.0 - _dilate(seeds_low, TUNE["fb_far"])
-        seeds_low = torch.maximum(seeds_low, solid * far)
-    seeds_full = _up(seeds_low, size).gt(0.5).float()
-
-    def fg_moments(weight: torch.Tensor, colours: torch.Tensor):
-        """Pull-push of the weighted local mean and covariance of `colours` (1,3,H,W)."""
-        wsum = _pool(weight, f)
-        chans = [colours * weight] + [colours[:, i:i + 1] * colours[:, j:j + 1] * weight for i, j in _PAIRS]
-        num = _pool(torch.cat(chans, 1), f)
-        est, has = pull_push(num, wsum)
-        if not has:
-            return None
-        mean = est[:, :3]
-        cov = torch.cat([est[:, 3 + k:4 + k] - mean[:, i:i + 1] * mean[:, j:j + 1]
-                         for k, (i, j) in enumerate(_PAIRS)], 1)
-        return mean, cov
-
-    def solve_alpha(B_low, mom, noise):
-        if mom is None:  # nothing in the image is foreground-coloured: everything is backing
-            F0_low = torch.ones_like(B_low) * (1 - key.view(1, 3, 1, 1))
-            cov = torch.zeros(1, 6, *B_low.shape[-2:], device=dev)
-        else:
-            F0_low, cov = mom
-        d = F0_low - B_low
-        S = cov.clone()
-        S[:, :3] += noise.view(1, 3, 1, 1) + 1e-4
-        wv = _solve3(S, d)
-        wd = (wv * d).sum(1, keepdim=True).clamp_min(1e-8)
-        sig0 = _quad(S - cov, wv).clamp_min(0).sqrt() / wd  # alpha noise near 0 (photo noise only)
-        sig1 = _quad(S, wv).clamp_min(0).sqrt() / wd         # near 1 (plus object texture)
-        ex0 = _excess(F0_low, p, o)
-        low = torch.cat([wv / wd, B_low, F0_low, sig0, sig1, ex0], 1)
-        up = _up(low, size)
-        wn, Bf, F0, s0, s1, exF = up[:, :3], up[:, 3:6], up[:, 6:9], up[:, 9:10], up[:, 10:11], up[:, 11:12]
-        diff = x - Bf
-        a = (wn * diff).sum(1, keepdim=True)
-        # physical bounds: F = B + (I - B)/a in [0,1]  =>  a >= |I-B| / (room), with a noise margin
-        marg = 2.0 * noise.sqrt().view(1, 3, 1, 1)
-        room = torch.where(diff < 0, Bf, 1 - Bf).clamp_min(1e-3)
-        a_min = ((diff.abs() - marg).clamp_min(0) / room).amax(1, keepdim=True)
-        # colour-difference upper bound for objects without key excess (e(F) <= e(F0)+margin)
-        eB = _excess(Bf, p, o)
-        eF = exF.clamp_min(0) + 0.05
-        a_max = ((eB - _excess(x, p, o) + 2.0 * marg[:, p:p + 1]) / (eB - eF).clamp_min(1e-3)).where(eB - eF > 0.05,
-                                                                                                  torch.ones_like(a))
-        if DEBUG is not None:
-            DEBUG.update(a_raw=a, a_min=a_min, a_max=a_max, s0=s0, s1=s1, F0=F0, B=Bf)
-        a = torch.minimum(torch.maximum(a, a_min), a_max.clamp_min(0))
-        k = 3.0 * (1.0 - opt.edge_detail)
-        lo = k * s0
-        hi = 1.0 - k * s1.clamp(max=0.3)
-        a = ((a - lo) / (hi - lo).clamp_min(0.05)).clamp(0, 1)
-        return a, Bf, F0, s1
-
-    fast = opt.quality == Quality.FAST.value
-    mom = fg_moments(seeds_full, x)
-    a, Bf, F0, s1 = solve_alpha(B_low, mom, var_n)
-    F0_clean = F0
-
-    if not fast:
-        # second pass: backing from the pixels the first matte calls clear, object colours from the unmixed
-        # colours of the (partly) opaque pixels, weighted by a^2 (reliability of unmixing)
-        bg2 = (a < 0.01).float() * (screen > 0.3).float()
-        if prior is not None:
-            bg2 = bg2 * (prior[None, None] < 0.5).float()
-        if float(bg2.sum()) > 16:
-            B_low = plate(bg2)
-            Bf = _up(B_low, size)
-            var_n = noise_var(bg2, Bf)
-        un = (Bf + (x - Bf) / a.clamp_min(0.05)).clamp(0, 1)
-        wgt = torch.where(a > 0.3, a * a, torch.zeros_like(a)) * not_bg.clamp(min=(a > 0.3).float())
-        mom2 = fg_moments(torch.maximum(wgt, seeds_full), torch.where(seeds_full > 0, x, un))
-        a, Bf, F0, s1 = solve_alpha(B_low, mom2 if mom2 is not None else mom, var_n)
-
+    not_bg = (screen < 0.35).float()
+    seeds = (screen < 0.1).float()
     if prior is not None:
         pr = prior[None, None]
-        r = max(1, round(min(H, W) / 100))
-        # where the colours barely separate object and backing (separation 1/s1 below ~6 deviations)
-        # the prior decides
-        conf = ((1.0 / s1.clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
+        sure_bg.mul_((pr < 0.1).float())
+        seeds = torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float())
+        not_bg = torch.maximum(not_bg, (pr > 0.5).float())
+    xl = _pool(x, f)
+
+    # 2. backing plate from the sure-backing blocks, filled under the object
+    m_bg = _min_pool(sure_bg, f)
+    B_low, has = pull_push(xl * m_bg, m_bg)
+    if not has:
+        B_low = key.view(1, 3, 1, 1).expand_as(xl).clone()
+    var_n = _noise_var(x, sure_bg, B_low)
+    B = _up(B_low, size)
+
+    # 3. foreground seeds: no key excess, away from the backing; plus the solid interior of regions that
+    # differ clearly from the plate but have no clean seed nearby (objects of the key's own hue)
+    interior = _erode(_min_pool(not_bg, f), 2)
+    seeds_low = _min_pool(seeds, f) * interior
+    d2 = ((x - B) ** 2).sum(1, keepdim=True)
+    differs = (d2 > 16.0 * float(var_n.sum()) + 0.15 ** 2).float()
+    solid = _erode(_min_pool(differs, f), 2)
+    seeds_low = torch.maximum(seeds_low, solid * (1.0 - _dilate(seeds_low, 8)))
+
+    # 4. local object colour (mean F0, covariance) by pull-push of the seed blocks' moments
+    if bool(seeds_low.max() > 0):
+        prods = torch.cat([xl] + [xl[:, i:i + 1] * xl[:, j:j + 1] for i, j in _PAIRS], 1)
+        if f > 1:  # the texture's spread within each block too
+            prods[:, 3:6] = _pool(x * x, f)
+        est, _ = pull_push(prods * seeds_low, seeds_low)
+        F0_low = est[:, :3]
+        cov = torch.cat([est[:, 3 + k:4 + k] - F0_low[:, i:i + 1] * F0_low[:, j:j + 1]
+                         for k, (i, j) in enumerate(_PAIRS)], 1)
+    else:  # nothing looks like an object: project on the key's complement
+        F0_low = (1 - key.view(1, 3, 1, 1)).expand_as(B_low).clone()
+        cov = torch.zeros(1, 6, *B_low.shape[-2:], device=dev)
+
+    # 5. discriminant direction and alpha-noise scales on the grid
+    d = F0_low - B_low
+    S = cov.clone()
+    S[:, :3] += var_n.view(1, 3, 1, 1) + 1e-4
+    wv = _solve3(S, d)
+    wd = (wv * d).sum(1, keepdim=True).clamp_min(1e-8)
+    wn = wv / wd
+    sig0 = _quad(S - cov, wn).clamp_min(0).sqrt()  # alpha noise near 0 (photo noise only)
+    sig1 = _quad(S, wn).clamp_min(0).sqrt()        # near 1 (plus object texture) = 1 / separation
+    k = 3.0 * (1.0 - opt.edge_detail)
+    lo = k * sig0
+    inv_range = 1.0 / (1.0 - k * sig1.clamp(max=0.3) - lo).clamp_min(0.05)
+    # colour-difference upper bound for objects without key excess: a <= (eB - e(I) + m) / (eB - eF)
+    marg = 2.0 * var_n.sqrt()
+    eB = _excess(B_low, p, o)
+    eF = _excess(F0_low, p, o).clamp_min(0) + 0.05
+    valid = (eB - eF) > 0.05
+    inv_e = torch.where(valid, 1.0 / (eB - eF).clamp_min(0.05), torch.zeros_like(eB))
+    c1 = torch.where(valid, (eB + float(marg[p])) * inv_e, torch.full_like(eB, 1e6))
+    wB = (wn * B_low).sum(1, keepdim=True)
+    up = _up(torch.cat([wn, wB, F0_low, lo, inv_range, c1, inv_e, sig1], 1), size)
+    wnf, wBf, F0, lof, invr, c1f, inv_ef, s1f = (up[:, 0:3], up[:, 3:4], up[:, 4:7], up[:, 7:8], up[:, 8:9],
+                                                 up[:, 9:10], up[:, 10:11], up[:, 11:12])
+
+    # 6. alpha: projection, physical bounds, noise snapping
+    a = x[:, 0:1] * wnf[:, 0:1]
+    a.addcmul_(x[:, 1:2], wnf[:, 1:2]).addcmul_(x[:, 2:3], wnf[:, 2:3]).sub_(wBf)
+    diff = x - B
+    a_min = None
+    for c in range(3):
+        dc = diff[:, c:c + 1]
+        t = torch.maximum((-dc - float(marg[c])) / B[:, c:c + 1].clamp_min(1e-3),
+                          (dc - float(marg[c])) / (1 - B[:, c:c + 1]).clamp_min(1e-3))
+        a_min = t if a_min is None else torch.maximum(a_min, t)
+    a = torch.maximum(a, a_min)
+    a = torch.minimum(a, c1f - e_img * inv_ef)
+    a = a.sub_(lof).mul_(invr).clamp_(0, 1)
+
+    if prior is not None:
+        # where the colours barely separate object and backing (< ~6 deviations) the prior decides; it is
+        # also a garbage matte (clearly outside -> 0) and a holdout matte (solid inside -> 1)
+        conf = ((1.0 / s1f.clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
         a = conf * a + (1 - conf) * pr
-        outside = _dilate((pr > 0.02).float(), r)
-        inside = _erode((pr > 0.98).float(), r)
-        a = torch.maximum(a * outside, inside)
+        r = max(1, round(min(H, W) / 100))
+        a = torch.maximum(a * _dilate((pr > 0.02).float(), r), _erode((pr > 0.98).float(), r))
 
     if opt.clip_black > 0 or opt.clip_white < 1:
         a = ((a - opt.clip_black) / (opt.clip_white - opt.clip_black)).clamp(0, 1)
 
-    # foreground: MAP unmixing with the local object colour as prior, then spill removal
+    # 7. foreground: MAP unmixing with the local object colour as prior, then spill removal
     m = 0.02
-    fg = ((a * (x - (1 - a) * Bf) + m * F0) / (a * a + m)).clamp(0, 1)
+    fg = diff.addcmul_(B, a).mul_(a).add_(F0, alpha=m).div_(a * a + m).clamp_(0, 1)
     if opt.spill_strength > 0:
-        e0 = _excess(F0_clean, p, o)
-        allowed = torch.where(e0 > 0.25 * e_key, e0, e0.clamp(min=TUNE["despill_floor"], max=0.0))
-        spill = (_excess(fg, p, o) - allowed).clamp_min(0)
-        fg = fg.clone()
-        fg[:, p:p + 1] = fg[:, p:p + 1] - opt.spill_strength * spill
+        e0 = _excess(F0, p, o)
+        allowed = e0 * (e0 > 0.25 * e_key).float()
+        spill = (_excess(fg, p, o) - allowed).clamp_min_(0)
+        fg[:, p:p + 1].sub_(spill, alpha=opt.spill_strength)
     return fg[0], a[0, 0]
 
 

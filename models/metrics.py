@@ -123,9 +123,12 @@ def all_metrics(pred: np.ndarray, gt: np.ndarray, unknown: np.ndarray | None = N
                 pred_fg: np.ndarray | None = None, gt_fg: np.ndarray | None = None) -> dict[str, float]:
     """The benchmark's set: SAD, gradient and connectivity over the whole image (a keyer must keep the
     backing clean too), MSE over `unknown` (the trimap's band; whole image when None), and the
-    foreground error when both foregrounds are given."""
+    foreground errors when both foregrounds are given: `fg` where gt > 0, `fg_edge` only where 0 < gt < 1
+    (the transition, where keyers differ; inside, the photo's own noise dominates `fg`)."""
     out = {"sad": sad(pred, gt), "mse": mse(pred, gt, unknown), "grad": gradient_error(pred, gt),
            "conn": connectivity_error(pred, gt)}
     if pred_fg is not None and gt_fg is not None:
         out["fg"] = foreground_error(pred_fg, gt_fg, gt)
+        g = np.asarray(gt)
+        out["fg_edge"] = foreground_error(pred_fg, gt_fg, gt, (g > 0) & (g < 1))
     return out

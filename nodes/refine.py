@@ -5,13 +5,12 @@ Outputs follow the pack's convention (models/alpha.py): `alpha` is opacity (1 = 
 """
 from __future__ import annotations
 
-from enum import Enum
 
 import torch
 from comfy_api.latest import io
 
 from ..models.alpha import parse_hex_color
-from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, Quality, greenpost
+from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, greenpost
 from ._schema import CATEGORY, enum_options, schema
 
 FAMILY = f"{CATEGORY}/refine"
@@ -21,11 +20,11 @@ TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that co
              "SplitImageWithAlpha output and JoinImageWithAlpha expects.")
 
 
-def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, quality) -> GreenPostOptions:
+def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white) -> GreenPostOptions:
     mode = KeyMode(str(key_mode))
     key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
     return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
-                            clip_black=float(clip_black), clip_white=float(clip_white), quality=str(quality))
+                            clip_black=float(clip_black), clip_white=float(clip_white))
 
 
 class GreenPost(io.ComfyNode):
@@ -63,8 +62,6 @@ class GreenPost(io.ComfyNode):
                                tooltip=OPTION_DOCS["clip_black"]),
                 io.Float.Input("clip_white", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip=OPTION_DOCS["clip_white"]),
-                io.Combo.Input("quality", options=enum_options(Quality), default=Quality.FULL.value,
-                               tooltip=OPTION_DOCS["quality"]),
             ],
             outputs=[
                 io.Image.Output("foreground", display_name="foreground",
@@ -92,12 +89,12 @@ class GreenPost(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, alpha_prior=None, key_mode=KeyMode.AUTO.value, key_color="#00b140",
-                spill_strength=1.0, edge_detail=0.5, clip_black=0.0, clip_white=1.0,
-                quality=Quality.FULL.value) -> io.NodeOutput:
+                spill_strength=1.0, edge_detail=0.5, clip_black=0.0,
+                clip_white=1.0) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
-        opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, quality)
+        opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white)
         if image.ndim == 3:
             image = image[None]
         n = image.shape[0]

@@ -39,7 +39,7 @@ def folder(tmp_path):
 def test_keys_every_image_to_rgba(folder, tmp_path):
     src, comps = folder
     out = tmp_path / "out" / "nested"
-    res = run(src, out, "--quality", "fast", cwd=tmp_path)
+    res = run(src, out, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
     for stem, comp in comps.items():
@@ -91,6 +91,6 @@ def test_options_and_validation(folder, tmp_path):
 def test_help_documents_every_flag():
     res = run("--help")
     assert res.returncode == 0
-    for flag in ("--key-color", "--spill-strength", "--edge-detail", "--clip-black", "--clip-white", "--quality",
+    for flag in ("--key-color", "--spill-strength", "--edge-detail", "--clip-black", "--clip-white",
                  "--overwrite", "--threads", "--quiet"):
         assert flag in res.stdout

@@ -60,18 +60,27 @@ def test_greenish_object_is_kept(seed):
 
 
 def test_spill_removed_near_edges():
-    comp = make_composite(128, 128, 7, REALISTIC.__class__(falloff=0.3, shadow=0.3, spill=0.6, noise=0.01))
-    fg, a = key(comp)
-    fg0, _ = key(comp, spill_strength=0.0)
-    edge = (comp.alpha > 0.3) & (comp.alpha < 0.97)
+    """A neutral grey object with strong spill: unmixing alone leaves a green cast, despill removes it."""
+    from diffumatting.models import synthetic as S
+
+    realism = REALISTIC.__class__(falloff=0.3, shadow=0.3, spill=0.6, noise=0.01)
+    _, alpha = S.random_object(128, 128, 7)
+    grey = np.full((128, 128, 3), 0.55, np.float32)
+    backing = S.green_backing(128, 128, 7, realism)
+    image = S.composite(grey, alpha, backing, 7, realism)
+    t = torch.from_numpy(image)[None]
+    fg, _ = greenpost(t)
+    fg0, _ = greenpost(t, options=GreenPostOptions(spill_strength=0.0))
+    fg, fg0 = fg[0].numpy(), fg0[0].numpy()
+    edge = (alpha > 0.3) & (alpha < 0.97)
 
     def cast(x):  # green excess over the larger other channel, per edge pixel
         return x[edge][:, 1] - x[edge][:, [0, 2]].max(-1)
 
-    assert float(cast(comp.foreground).max()) < 0  # the true object is not green-dominant
-    assert float((cast(fg0) > 0.02).mean()) > 0.05  # unmixing alone leaves spill on the edge
-    assert float(cast(fg).max()) <= 0.01  # despill removes it
-    assert foreground_error(fg, comp.foreground, comp.alpha) < foreground_error(fg0, comp.foreground, comp.alpha)
+    assert float((cast(fg0) > 0.02).mean()) > 0.2  # unmixing alone leaves spill on the edge
+    assert float((cast(fg) > 0.02).mean()) == 0.0  # despill removes it
+    # and stays near the true grey (the synthetic spill also darkens red and blue, which despill keeps)
+    assert foreground_error(fg, grey, alpha, edge) < 0.05
 
 
 def test_uneven_backing_is_followed():
@@ -173,8 +182,6 @@ def test_options_change_the_matte():
     _, a_clean = key(comp, edge_detail=0.0)
     _, a_detail = key(comp, edge_detail=1.0)
     assert float((a_clean < 1e-6).mean()) >= float((a_detail < 1e-6).mean())
-    _, a_fast = key(comp, quality="fast")
-    assert np.abs(a_fast - comp.alpha).mean() < 0.04
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -201,7 +208,7 @@ def test_bad_priors_and_options():
         greenpost(img, torch.rand(2, 8, 8), prior_alpha_bhw=torch.rand(2, 8, 8))
     for kwargs, match in [({"spill_strength": 2}, "spill_strength"), ({"edge_detail": -1}, "edge_detail"),
                           ({"key_color": (0.5, 0.5, 0.5)}, "grey"), ({"key_color": (0, 300, 0)}, "divide"),
-                          ({"clip_black": 0.6, "clip_white": 0.4}, "clip_black"), ({"quality": "best"}, "quality")]:
+                          ({"clip_black": 0.6, "clip_white": 0.4}, "clip_black")]:
         with pytest.raises(ValueError, match=match):
             GreenPostOptions(**kwargs)
     with pytest.raises(ValueError, match="GreenPostOptions"):
@@ -238,7 +245,7 @@ def test_node_batch_outputs_and_conventions(refine):
     # picked key and a prior from the matting decode (1 = opaque)
     out = refine.GreenPost.execute(image, alpha_prior=torch.from_numpy(comps[0].alpha)[None].expand(2, -1, -1),
                                    key_mode="picked", key_color="#33bb33", spill_strength=0.5,
-                                   edge_detail=0.3, quality="fast").result
+                                   edge_detail=0.3).result
     assert out[1].shape == (2, 48, 64)
 
 

@@ -78,7 +78,7 @@ def test_foreground_error_weighted_by_gt_alpha():
 def test_all_metrics_and_bad_shapes():
     gt = np.zeros((6, 6))
     out = M.all_metrics(gt, gt, gt > 1, np.zeros((6, 6, 3)), np.zeros((6, 6, 3)))
-    assert set(out) == {"sad", "mse", "grad", "conn", "fg"} and all(v == 0 for v in out.values())
+    assert set(out) == {"sad", "mse", "grad", "conn", "fg", "fg_edge"} and all(v == 0 for v in out.values())
     with pytest.raises(ValueError, match="same size"):
         M.sad(np.zeros((3, 4)), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="trimap == 128"):
