@@ -231,7 +231,7 @@ def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOption
     e_img = _excess(x, p, o)
     screen = e_img / x[:, p:p + 1].mul(e_key / kp).clamp_min(0.15 * e_key)
     sure_bg = (screen > 0.8).float()
-    not_bg = (screen < 0.35).float()
+    not_bg = (screen < 0.25).float()
     seeds = (screen < 0.1).float()
     if prior is not None:
         pr = prior[None, None]
