@@ -223,7 +223,7 @@ def test_gradient_checkpointing_same_gradients(comfy_host, tmp_path_factory):
         loss = L.diffusion_loss(out, x) + L.green_attention_loss(cap.maps(), alpha, (8, 8), has)
         unet.zero_grad(set_to_none=True)
         loss.backward()
-        return float(loss), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
 
     ref_loss, ref = loss_and_grads()
     assert enable_gradient_checkpointing(unet) == 9   # 5 ResBlocks + 4 SpatialTransformers

@@ -25,8 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# Tolerance of the torchrun comparison: per-step losses within 2e-3 relative (+1e-4 absolute).
-DDP_RTOL, DDP_ATOL = 2e-3, 1e-4
+# Tolerance of the torchrun comparison: per-step losses within 1e-4 relative (+1e-5 absolute); log.csv keeps
+# 6 significant digits, and the two runs differ only in the order of floating-point reductions.
+DDP_RTOL, DDP_ATOL = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ JOB_STEPS = ["--unet-steps", "40", "--set", "unet.lr=3e-4", "--set", "data.cache
 @pytest.fixture(scope="module")
 def green_on_run(tiny_ckpt, cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("green_on")
-    ok(run_train(small_args(tiny_ckpt, cache_dir, out, "--mode", "full", "--head-steps", "60", *JOB_STEPS)))
+    ok(run_train(small_args(tiny_ckpt, cache_dir, out, "--mode", "full", "--head-steps", "150", *JOB_STEPS)))
     return out
 
 
@@ -226,14 +227,16 @@ def test_losses_do_their_job(green_on_run, tiny_ckpt, cache_dir, tmp_path):
     assert rise_on >= 0.06, on_m
     assert rise_off <= 0.02, off_m
     assert on_m["green_iou_after"] - off_m["green_iou_after"] >= 0.08
-    # The matting head: held-out alpha error ends well below its start.
+    # The matting head: held-out alpha error ends well below its start, and below the best constant answer
+    # (a head collapsed to "all background" would score that).
     assert on_m["head_error_after"] < 0.6 * on_m["head_error_before"], on_m
+    assert on_m["head_error_after"] < 0.7 * on_m["head_error_constant"], on_m
 
 
 def test_final_lines_report_losses_and_measures(green_on_run):
     summary = json.loads((green_on_run / "summary.json").read_text())
     assert set(summary["final_losses"]["unet"]) == {"loss", "diffusion", "green", "detail"}
-    assert set(summary["final_losses"]["head"]) == {"loss", "l1", "grad", "comp"}
+    assert set(summary["final_losses"]["head"]) == {"loss", "l1", "grad", "comp", "bce"}
     assert summary["files"]["unet"].endswith("diffumatting_unet.safetensors")
 
 
@@ -319,7 +322,7 @@ def test_torchrun_two_ranks_follow_single_process(straight_run, tiny_ckpt, cache
     single, multi = read_log(straight_run), read_log(out)
     assert [(r["stage"], r["step"]) for r in single] == [(r["stage"], r["step"]) for r in multi]
     for a, b in zip(single, multi):
-        for key in ("loss", "diffusion", "green", "detail", "l1", "grad", "comp"):
+        for key in ("loss", "diffusion", "green", "detail", "l1", "grad", "comp", "bce"):
             if a[key]:
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=DDP_RTOL, abs=DDP_ATOL), (a, b, key)
     # Only rank 0 wrote: one set of files, and the trained LoRA matches the single-process one closely.

@@ -107,6 +107,8 @@ class HeadConfigT:
     w_l1: float = 1.0
     w_grad: float = 1.0
     w_comp: float = 0.5
+    w_bce: float = 1.0                      # binary cross-entropy on alpha: keeps the sigmoid out of saturation
+                                            # (L1 alone can collapse to the all-background answer)
     vae_family: str = "auto"                # auto (from the checkpoint) | sd1 | sdxl
     feature_cache: bool = False             # keep decoder features of data.cache_variants variants per sample in
                                             # RAM (small data sets / low resolution only: 128 x H x W floats each)

@@ -38,7 +38,7 @@ LORA_FILE = "diffumatting_lora.safetensors"
 HEAD_FILE = "diffumatting_head.safetensors"
 UNET_FORMAT_VERSION = 1
 EVAL_TIMESTEPS = (300, 600)
-CSV_FIELDS = ["time", "stage", "step", "lr", "loss", "diffusion", "green", "detail", "l1", "grad", "comp"]
+CSV_FIELDS = ["time", "stage", "step", "lr", "loss", "diffusion", "green", "detail", "l1", "grad", "comp", "bce"]
 
 
 def _seed_of(*parts) -> int:
@@ -212,8 +212,7 @@ class Trainer:
         self.prediction = pred
         sig = self.base.model_sampling.sigmas.float().cpu()
         self.alphas_cumprod = 1.0 / (1.0 + sig ** 2)
-        self.unet.to(self.device)
-        self.unet.requires_grad_(False)
+        self.unet.requires_grad_(False)        # moved to the device by setup_unet (a head-only run leaves it)
         self.fsm.to(self.device).requires_grad_(False).eval()
         self.vae_dtype = next(self.fsm.parameters()).dtype
         st = path.stat()
@@ -349,6 +348,7 @@ class Trainer:
     # ------------------------------------------------------------------ UNet stage
     def setup_unet(self):
         u = self.cfg.unet
+        self.unet.to(self.device)
         self.lora = None
         if u.mode == "lora":
             from .lora import LoraSet
@@ -530,7 +530,18 @@ class Trainer:
                                     self._chw(batch, "backing").to(self.device),
                                     self._chw(batch, "image").to(self.device), w_l1=h.w_l1, w_grad=h.w_grad,
                                     w_comp=h.w_comp)
+        if h.w_bce > 0:
+            bce = F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), alpha.float())
+            total = total + h.w_bce * bce
+            parts["bce"] = float(bce.detach())
         return total, parts, pred
+
+    def constant_alpha_error(self) -> float:
+        """Held-out MAE of the best constant answer (the median alpha): what a collapsed head would score."""
+        if not self.hold_samples:
+            return float("nan")
+        a = torch.stack([torch.from_numpy(s.alpha) for s in self.hold_samples])
+        return float((a - a.median()).abs().mean())
 
     @torch.no_grad()
     def measure_head_error(self) -> float:
@@ -718,6 +729,8 @@ class Trainer:
             start = int(st["step"])
             self.log(f"resumed {stage} at step {start}")
         key_before = "green_iou_before" if stage == "unet" else "head_error_before"
+        if stage == "head" and self.dist.is_main:
+            self.measures["head_error_constant"] = self.constant_alpha_error()
         if key_before not in self.measures and self.dist.is_main:
             self.measures[key_before] = self.measure_green_iou() if stage == "unet" else self.measure_head_error()
             self.log(f"{key_before} = {self.measures[key_before]:.4f}")
@@ -899,7 +912,8 @@ class Trainer:
                          f"after={m.get('green_iou_after', float('nan')):.4f}")
         if "head_error_before" in m or "head_error_after" in m:
             lines.append(f"head alpha error (held-out MAE): before={m.get('head_error_before', float('nan')):.4f} "
-                         f"after={m.get('head_error_after', float('nan')):.4f}")
+                         f"after={m.get('head_error_after', float('nan')):.4f} "
+                         f"(best constant answer: {m.get('head_error_constant', float('nan')):.4f})")
         bad = self.bad_samples()
         lines.append(f"bad samples skipped: {len(bad)}")
         for line in lines:
