@@ -29,6 +29,7 @@ from ..models.synthetic import Realism, composite, green_backing, random_object
 IMAGE_DIRS = ("image", "images", "fg", "original", "im", "img")
 ALPHA_DIRS = ("alpha", "alphas", "matte", "mattes", "mask", "masks")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+COMPOSER_VERSION = "2"   # part of the latent cache key: bump when the compositing changes
 SYNTH_NOUNS = ("toy", "plush animal", "vase", "houseplant", "lamp", "sculpture", "shoe", "bag", "bottle",
                "teapot", "helmet", "doll")
 
@@ -179,6 +180,27 @@ def _crop_to_object(fg, a):
     return fg[y0:y1, x0:x1], a[y0:y1, x0:x1]
 
 
+def contact_shadow(backing: np.ndarray, alpha: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """The backing darkened by a soft shadow of the object, offset down and sideways.
+
+    Applied here (not inside the composite) so the returned backing is exactly the one behind the object:
+    the matting head's composition loss needs the true background.
+    """
+    if strength <= 0:
+        return backing
+    h, w = alpha.shape
+    dy = max(1, int(round(h * rng.uniform(0.02, 0.08))))
+    dx = int(round(w * rng.uniform(-0.05, 0.05)))
+    sh = np.zeros_like(alpha)
+    ys, yd = slice(0, h - dy), slice(dy, h)
+    if dx >= 0:
+        sh[yd, dx:] = alpha[ys, : w - dx]
+    else:
+        sh[yd, : w + dx] = alpha[ys, -dx:]
+    sh = cv2.GaussianBlur(sh, (0, 0), max(1.0, min(h, w) / 25))
+    return (backing * (1.0 - strength * np.clip(sh, 0, 1))[..., None]).astype(np.float32)
+
+
 class Composer:
     """Turns an item into a composited Sample at `resolution`, seeded by (seed, item index, variant)."""
 
@@ -217,11 +239,12 @@ class Composer:
         fgc[y0:y0 + nh, x0:x0 + nw] = fg
         ac[y0:y0 + nh, x0:x0 + nw] = a
         s = self.realism
-        realism = Realism(falloff=rng.uniform(0, 0.35) * s, shadow=rng.uniform(0, 0.35) * s,
+        realism = Realism(falloff=rng.uniform(0, 0.35) * s, shadow=0.0,
                           spill=rng.uniform(0, 0.25) * s, noise=rng.uniform(0, 0.012) * s,
                           blur=rng.uniform(0, 0.6) * s, jpeg_quality=0)
+        shadow = rng.uniform(0, 0.35) * s
         bseed = int(rng.integers(0, 2**31 - 1))
-        backing = green_backing(r, r, bseed, realism)
+        backing = contact_shadow(green_backing(r, r, bseed, realism), ac, shadow, rng)
         image = composite(fgc, ac, backing, bseed, realism)
         return Sample(item.name, item.caption, image, ac, fgc, backing)
 
@@ -280,7 +303,8 @@ class StepData:
 
 def cache_key(item: Item, variant: int, resolution: int, seed: int, vae_id: str) -> str:
     """Content key of a cached latent: the file (path, size, mtime) or synthetic seed + augmentation."""
-    ident = [item.name, item.image, item.alpha, str(item.seed), str(variant), str(resolution), str(seed), vae_id]
+    ident = [COMPOSER_VERSION, item.name, item.image, item.alpha, str(item.seed), str(variant), str(resolution),
+             str(seed), vae_id]
     for p in (item.image, item.alpha):
         if p:
             try:
