@@ -22,15 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .matting_losses import _as_b1hw
+
 PREDICTIONS = ("eps", "v")
-
-
-def _as_b1hw(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"{name} must be (B,1,H,W) or (B,H,W), got shape {tuple(x.shape)}")
-    return x
 
 
 def _bcast(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
