@@ -88,9 +88,16 @@ def test_key_green_screen_separates_object_from_backing(comfy_server):
     # The sample's object sits around the centre (models/synthetic.py places it at 40-60%).
     centre = alpha[int(h * 0.45):int(h * 0.55), int(w * 0.45):int(w * 0.55)]
     assert centre.mean() > 0.5, "the object must stay opaque"
+    # The sample's object is partly green-dominant itself (its texture): compare with the ground truth.
+    from diffumatting.models.synthetic import REALISTIC, make_composite
+
+    truth = make_composite(h, w, 3, REALISTIC)  # the seed and size models/samples.py uses
     opaque = alpha > 0.95
-    green_dominance = arr[..., 1] - np.maximum(arr[..., 0], arr[..., 2])
-    assert np.percentile(green_dominance[opaque], 95) < 0.15, "green spill must be removed from the object"
+    dominance = arr[..., 1] - np.maximum(arr[..., 0], arr[..., 2])
+    f = truth.foreground
+    true_dominance = f[..., 1] - np.maximum(f[..., 0], f[..., 2])
+    assert np.percentile(dominance[opaque], 95) <= np.percentile(true_dominance[truth.alpha > 0.95], 95) + 0.01, \
+        "the object must carry no more green than the true foreground (spill removed)"
 
 
 def _save_prompt(sample: str, prefix: str, **widgets) -> dict:
