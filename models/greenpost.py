@@ -41,6 +41,13 @@ class KeyMode(str, Enum):
     PICKED = "picked"
 
 
+class RefinerChoice(str, Enum):
+    """Which learned refinement runs on the classical alpha's uncertain band (models/refiner.py)."""
+
+    SHIPPED = "greenpost_refiner"  # the weights shipped in models/weights/
+    OFF = "off"                    # classical keying only
+
+
 # One line per option; the node reuses them as tooltips.
 OPTION_DOCS = {
     "key_color": "Backing colour to key out, (r, g, b) in 0..1, or None to estimate it from the image (the most "
@@ -52,6 +59,9 @@ OPTION_DOCS = {
                    "wisp the colours support (fine hair, smoke; noisier). 0.5 suits most photos.",
     "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
     "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
+    "refiner": "Learned refinement of the uncertain edge band (hair, fur, noise speckles): 'greenpost_refiner' "
+               "runs the small network shipped with the pack on the pixels the classical key is unsure of; "
+               "'off' keeps the classical key only (faster).",
 }
 
 
@@ -64,8 +74,13 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
+    refiner: str = RefinerChoice.SHIPPED.value
 
     def __post_init__(self):
+        choices = [c.value for c in RefinerChoice]
+        if str(getattr(self.refiner, "value", self.refiner)) not in choices:
+            raise ValueError(f"refiner={self.refiner!r}: expected one of {choices}; 'off' keys classically")
+        object.__setattr__(self, "refiner", str(getattr(self.refiner, "value", self.refiner)))
         if self.key_color is not None:
             kc = tuple(self.key_color)
             if len(kc) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
@@ -222,13 +237,14 @@ class KeyFields:
 
     key: torch.Tensor        # (3,) key colour used
     backing: torch.Tensor    # (1, 3, H, W) backing plate B, filled under the object
-    alpha: torch.Tensor      # (1, 1, H, W) classical alpha in [0, 1] (after prior blend and matte levels)
+    alpha: torch.Tensor      # (1, 1, H, W) final alpha in [0, 1] (after refinement and matte levels)
     prior_fg: torch.Tensor   # (1, 3, H, W) local object colour F0 (foreground prior)
-    fg: torch.Tensor         # (1, 3, H, W) straight foreground, spill removed
+    fg: torch.Tensor | None  # (1, 3, H, W) straight foreground, spill removed (None while refining)
     noise_std: torch.Tensor  # (3,) per-channel noise deviation measured on the backing
     sig0_low: torch.Tensor   # (1, 1, h, w) alpha noise deviation near alpha 0 (photo noise only)
     sig1_low: torch.Tensor   # (1, 1, h, w) near alpha 1 (plus object texture) = 1 / colour separation
     grid_factor: int
+    classical_alpha: torch.Tensor | None = None  # (1, 1, H, W) before refinement and matte levels
 
     def scales_at(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sig0, sig1) upsampled to `size`, each (1, 1, H, W)."""
@@ -236,14 +252,18 @@ class KeyFields:
         return up[:, 0:1], up[:, 1:2]
 
 
-def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions,
+             refine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key one image. rgb: (3, H, W) float32; prior: (H, W) or None. Returns fg (3, H, W), alpha (H, W)."""
-    kf = key_fields(rgb, prior, opt)
+    kf = key_fields(rgb, prior, opt, refine)
     return kf.fg[0], kf.alpha[0, 0]
 
 
-def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> KeyFields:
-    """Classical key of one image with its intermediate fields. rgb: (3, H, W) float32; prior: (H, W) or None."""
+def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions, refine=None) -> KeyFields:
+    """Key one image and return its fields. rgb: (3, H, W) float32; prior: (H, W) or None.
+
+    `refine(x, fields) -> alpha`, if given, replaces the classical alpha (fields.alpha, (1, 1, H, W)) before
+    the matte levels and the foreground unmixing (x is the image (1, 3, H, W); fields.fg is None then)."""
     H, W = rgb.shape[-2:]
     size = (H, W)
     dev = rgb.device
@@ -345,6 +365,11 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
         r = max(1, round(min(H, W) / 100))
         a = torch.maximum(a * _dilate((pr > 0.02).float(), r), _erode((pr > 0.98).float(), r))
 
+    fields = KeyFields(key=key, backing=B, alpha=a, prior_fg=F0, fg=None, noise_std=var_n.sqrt(), sig0_low=sig0,
+                       sig1_low=sig1, grid_factor=f, classical_alpha=a)
+    if refine is not None:
+        a = refine(x, fields)
+
     if opt.clip_black > 0 or opt.clip_white < 1:
         a = ((a - opt.clip_black) / (opt.clip_white - opt.clip_black)).clamp(0, 1)
 
@@ -356,11 +381,26 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
         allowed = e0 * (e0 > 0.25 * e_key).float()
         spill = (_excess(fg, p, o) - allowed).clamp_min_(0)
         fg[:, p:p + 1].sub_(spill, alpha=opt.spill_strength)
-    return KeyFields(key=key, backing=B, alpha=a, prior_fg=F0, fg=fg, noise_std=var_n.sqrt(), sig0_low=sig0,
-                     sig1_low=sig1, grid_factor=f)
+    fields.alpha, fields.fg = a, fg
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------- API
+
+def _refine_fn(choice: str):
+    """The alpha refinement for a RefinerChoice value (None for 'off'): loads the shipped weights."""
+    if choice == RefinerChoice.OFF.value:
+        return None
+    from .refiner import SHIPPED, FeatureSource, load_refiner, refine_alpha
+
+    model = load_refiner(SHIPPED)
+
+    def refine(x: torch.Tensor, kf: KeyFields) -> torch.Tensor:
+        src = FeatureSource(image=x, backing=kf.backing, prior_fg=kf.prior_fg, alpha=kf.alpha,
+                            sig1_low=kf.sig1_low, noise_std=kf.noise_std)
+        return refine_alpha(model, src)[0]
+    return refine
+
 
 def _check_image(image) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
@@ -428,10 +468,12 @@ def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
         rgb = img.expand(B, H, W, 3)
     else:
         rgb = img[..., :3]
+    refine = _refine_fn(options.refiner)
     fgs, alphas = [], []
     with torch.no_grad():
         for i in range(B):
-            fg, a = _key_one(rgb[i].permute(2, 0, 1).contiguous(), None if prior is None else prior[i], options)
+            fg, a = _key_one(rgb[i].permute(2, 0, 1).contiguous(), None if prior is None else prior[i], options,
+                             refine)
             fgs.append(fg.permute(1, 2, 0))
             alphas.append(a)
     fg = torch.stack(fgs)
