@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 MODEL ?=
 
-.PHONY: setup test demo serve bench clean
+.PHONY: setup test demo serve bench clean train-refiner
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ demo: setup
 
 serve: setup
 	$(PY) scripts/serve.py
+
+# GreenPost's learned refiner: rewrites models/weights/greenpost_refiner.safetensors (seeded, CPU).
+train-refiner: setup
+	$(PY) train_refiner.py $(ARGS)
 
 bench: setup
 	@set -e; for f in tests/bench/*.py; do echo "== $$f"; $(PY) $$f; done

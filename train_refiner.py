@@ -24,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "procedural")
+CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated images are noise-free)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the trained weights (.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data pool, the initial weights and batches")
     p.add_argument("--data", choices=DATA_SOURCES, default=DATA_SOURCES[-1],
-                   help="composite generator: 'synthetic' = models/synthetic.py objects over randomly varied "
-                        "green backings")
+                   help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
+                        "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
+                        "'synthetic' = models/synthetic.py objects over randomly varied green backings")
     p.add_argument("--images", type=int, default=600, help="composites in the training pool")
     p.add_argument("--val-images", type=int, default=40, help="held-out composites (other seeds) for the report")
     p.add_argument("--size-min", type=int, default=160, help="smallest composite side in pixels")
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", default="48,24", help="MLP hidden layer widths, comma-separated")
     p.add_argument("--radius", type=int, default=1, help="fine neighbourhood radius in pixels (0..8)")
     p.add_argument("--band-radius", type=int, default=1, help="dilation of the uncertain band in pixels (0..8)")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="at inference the corrections are box-averaged over (2s+1)^2 band pixels (0..8, 0 = off)")
+    p.add_argument("--context", default="4", help="pooling factors of the context levels, comma-separated "
+                                                  "(each 2, 4, 8, 16, 32 or 64), e.g. 4,16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (fixed for reproducibility)")
     p.add_argument("--save-every", type=int, default=2000, help="write a resume checkpoint every N steps")
     p.add_argument("--resume", action="store_true",
@@ -68,7 +74,7 @@ def parse_args(argv):
               ("--pixels-per-image", a.pixels_per_image, 1, 1_000_000), ("--steps", a.steps, 1, 10_000_000),
               ("--batch", a.batch, 1, 1_000_000), ("--threads", a.threads, 1, 256),
               ("--save-every", a.save_every, 1, 10_000_000), ("--radius", a.radius, 0, 8),
-              ("--band-radius", a.band_radius, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
+              ("--band-radius", a.band_radius, 0, 8), ("--smooth", a.smooth, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
     for name, v, lo, hi in checks:
         if not lo <= v <= hi:
             p.error(f"{name} {v} is outside {lo}..{hi}; give a value in that range")
@@ -82,10 +88,15 @@ def parse_args(argv):
         a.hidden = tuple(int(v) for v in a.hidden.split(",") if v.strip())
     except ValueError:
         p.error(f"--hidden {a.hidden!r}: expected comma-separated integers, e.g. 48,24")
+    try:
+        a.context = tuple(int(v) for v in a.context.split(",") if v.strip())
+    except ValueError:
+        p.error(f"--context {a.context!r}: expected comma-separated integers, e.g. 4,16")
     from models.refiner import RefinerConfig
 
     try:
-        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius)
+        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context,
+                                 smooth=a.smooth)
     except ValueError as e:
         p.error(str(e))
     return a
@@ -94,8 +105,18 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------------------------- data
 
 def composite(source: str, seed: int, size_min: int, size_max: int):
-    """One seeded composite: (image HxWx3, alpha HxW) float32 numpy."""
+    """One seeded composite: (image HxWx3, alpha HxW) float32 numpy, or None for a sample that is left out."""
     import numpy as np
+
+    if source == "procedural":
+        from training.refiner_data import make_sample
+
+        rng = np.random.default_rng([seed, 19])
+        size = int(rng.integers(size_min, size_max + 1))
+        d = make_sample(seed, size, camera_effects=bool(rng.random() >= CLEAN_FRACTION))
+        if int(np.argmax(np.median(d["backing"].reshape(-1, 3), 0))) != 1:
+            return None  # GreenPost keys green backings (the classical key does not see the others)
+        return d["image"], d["alpha"]
 
     from models import synthetic as S
 
@@ -140,7 +161,10 @@ def build_pool(args, seeds, n_per_image):
 
     feats, ys, a0 = [], [], []
     for s in seeds:
-        image, alpha = composite(args.data, s, args.size_min, args.size_max)
+        comp = composite(args.data, s, args.size_min, args.size_max)
+        if comp is None:
+            continue
+        image, alpha = comp
         got = sample_pixels(image, alpha, args.config, n_per_image, s)
         if got is not None:
             feats.append(got[0])
@@ -173,7 +197,7 @@ def _save_resume(path: Path, model, opt, step: int, args) -> None:
 
 def _args_fingerprint(args) -> str:
     keys = ("seed", "data", "images", "size_min", "size_max", "pixels_per_image", "steps", "batch", "lr",
-            "weight_decay", "hidden", "radius", "band_radius")
+            "weight_decay", "hidden", "radius", "band_radius", "context", "smooth")
     return json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
 
 

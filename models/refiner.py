@@ -3,7 +3,8 @@ uncertain.
 
 It reads, at each pixel of the uncertainty band, a 5 x 5 neighbourhood of the image's difference from the
 backing plate (I - B), the foreground prior's (F0 - B), the classical alpha and its separation scale, a
-3 x 3 neighbourhood of the same at 4x coarser scale (context), and the measured noise level; an MLP
+3 x 3 neighbourhood of the same at coarser scales (context: 4x, and 16x if configured), and the measured
+noise level; an MLP
 predicts a correction of the classical alpha. The foreground is then unmixed again with the refined alpha
 (models/greenpost.py).
 
@@ -33,7 +34,6 @@ CHUNK = 65536  # band pixels per forward pass (bounds the memory at any image si
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
 COARSE_CH = 4   # pooled I-B (3), pooled classical alpha
-COARSE_F = 4    # pooling factor of the context level
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,11 @@ class RefinerConfig:
     ctx_radius: int = 1        # coarse neighbourhood is (2c+1)^2 cells
     hidden: tuple[int, ...] = (48, 24)
     band_radius: int = 1       # dilation of the uncertain pixels
+    context: tuple[int, ...] = (4,)  # pooling factors of the context levels
+    smooth: int = 1            # the correction is box-averaged over (2s+1)^2 band pixels (0 = off)
 
     def __post_init__(self):
-        for name in ("radius", "ctx_radius", "band_radius"):
+        for name in ("radius", "ctx_radius", "band_radius", "smooth"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 8:
                 raise ValueError(f"refiner config {name}={v!r}: expected an integer in 0..8")
@@ -54,10 +56,16 @@ class RefinerConfig:
         if not hid or not all(isinstance(h, int) and 1 <= h <= 1024 for h in hid):
             raise ValueError(f"refiner config hidden={self.hidden!r}: expected 1+ layer widths in 1..1024")
         object.__setattr__(self, "hidden", hid)
+        ctx = tuple(self.context)
+        if not all(isinstance(c, int) and c in (2, 4, 8, 16, 32, 64) for c in ctx) or len(set(ctx)) != len(ctx):
+            raise ValueError(f"refiner config context={self.context!r}: expected distinct pooling factors from "
+                             f"2, 4, 8, 16, 32, 64")
+        object.__setattr__(self, "context", ctx)
 
     @property
     def n_inputs(self) -> int:
-        return FINE_CH * (2 * self.radius + 1) ** 2 + 1 + COARSE_CH * (2 * self.ctx_radius + 1) ** 2 + 3
+        return (FINE_CH * (2 * self.radius + 1) ** 2 + 1
+                + len(self.context) * COARSE_CH * (2 * self.ctx_radius + 1) ** 2 + 3)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -71,8 +79,9 @@ class RefinerConfig:
             unknown = set(d) - {f for f in cls.__dataclass_fields__}
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)}")
-            if "hidden" in d:
-                d["hidden"] = tuple(d["hidden"])
+            for k in ("hidden", "context"):
+                if k in d:
+                    d[k] = tuple(d[k])
             return cls(**d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"refiner config {text!r} is unreadable ({e}); the file is damaged or from another "
@@ -103,8 +112,13 @@ class Refiner(nn.Module):
         """feats (N, n_inputs) -> refined alpha (N,) in [0, 1]: the classical alpha (column `alpha_col`) plus
         the predicted correction."""
         a0 = feats[:, alpha_column(self.config)]
-        z = (feats - self.in_mean) / self.in_std
-        return (a0 + self.mlp(z)[:, 0]).clamp(0, 1)
+        if self.training:
+            out = self.mlp((feats - self.in_mean) / self.in_std)
+        else:  # the normalisation folded into the first layer: one pass less over the features
+            first = self.mlp[0]
+            w = first.weight / self.in_std
+            out = self.mlp[1:](F.linear(feats, w, first.bias - w @ self.in_mean))
+        return (a0 + out[:, 0]).clamp(0, 1)
 
 
 def alpha_column(config: RefinerConfig) -> int:
@@ -123,23 +137,24 @@ def band_mask(alpha: torch.Tensor, radius: int) -> torch.Tensor:
     return unsure > 0
 
 
-def _gather_rows(packed: torch.Tensor, W: int, H: int, ys: torch.Tensor, xs: torch.Tensor, r: int,
-                 y0: int = 0) -> torch.Tensor:
-    """packed: (h * W, C) channels-last rows y0..y0+h-1 of an H x W map. Returns the (2r+1)^2 neighbourhood
-    of each point (clamped at the image border) as (N, (2r+1)^2 * C), offset-major."""
-    h = packed.shape[0] // W
-    cols = []
-    for dy in range(-r, r + 1):
-        yy = ((ys + dy).clamp(0, H - 1) - y0).clamp(0, h - 1) * W
-        for dx in range(-r, r + 1):
-            cols.append(packed.index_select(0, yy + (xs + dx).clamp(0, W - 1)))
-    return torch.cat(cols, 1)
+def _neighbourhoods(maps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:
+    """Values of the (1, C_i, H, W) maps on the (2r+1)^2 neighbourhood of each point (ys, xs), clamped at
+    the image border. Returns (N, (2r+1)^2 * sum C_i), ordered dy, dx, channel.
 
-
-def _pack(maps: list[torch.Tensor], y0: int, y1: int) -> torch.Tensor:
-    """Rows y0..y1-1 of (1, C_i, H, W) maps as one channels-last ((y1 - y0) * W, sum C_i) tensor."""
-    t = torch.cat([m[0, :, y0:y1] for m in maps], 0)
-    return t.permute(1, 2, 0).reshape(-1, t.shape[0])
+    The rows the points need are packed channels-last with an r-pixel replicated border; a strided view
+    makes each run of 2r+1 neighbouring pixels one row, so one row gather per dy reads a whole run."""
+    H, W = maps[0].shape[-2:]
+    y0, y1 = max(0, int(ys.min()) - r), min(H, int(ys.max()) + r + 1)
+    t = torch.cat([m[:, :, y0:y1] for m in maps], 1)
+    if r > 0:
+        t = F.pad(t, (r, r, r, r), mode="replicate")
+    C, Wp = t.shape[1], t.shape[-1]
+    flat = t[0].permute(1, 2, 0).contiguous().view(-1, C)
+    runs = flat.as_strided((flat.shape[0] - 2 * r, (2 * r + 1) * C), (C, 1))
+    base = (ys - y0) * Wp + xs
+    if r == 0:
+        return runs.index_select(0, base)
+    return torch.cat([runs.index_select(0, base + (r + dy) * Wp) for dy in range(-r, r + 1)], 1)
 
 
 @dataclass
@@ -152,12 +167,14 @@ class FeatureSource:
     alpha: torch.Tensor       # (1, 1, H, W) classical
     sig1_low: torch.Tensor    # (1, 1, h, w)
     noise_std: torch.Tensor   # (3,)
-    coarse: torch.Tensor = field(init=False)
+    _coarse: dict = field(init=False, default_factory=dict)
 
-    def __post_init__(self):
-        pooled = [F.avg_pool2d(t, COARSE_F, stride=COARSE_F, ceil_mode=True)
-                  for t in (self.image, self.backing, self.alpha)]
-        self.coarse = torch.cat([pooled[0] - pooled[1], pooled[2]], 1)
+    def coarse(self, f: int) -> torch.Tensor:
+        """Pooled (I - B, alpha) at factor f, (1, 4, ceil(H/f), ceil(W/f)); computed once per factor."""
+        if f not in self._coarse:
+            pooled = [F.avg_pool2d(t, f, stride=f, ceil_mode=True) for t in (self.image, self.backing, self.alpha)]
+            self._coarse[f] = torch.cat([pooled[0] - pooled[1], pooled[2]], 1)
+        return self._coarse[f]
 
 
 def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
@@ -169,34 +186,54 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
     y0, y1 = max(0, int(ys.min()) - r), min(H, int(ys.max()) + r + 1)
     rows = slice(y0, y1)
     b = src.backing[:, :, rows]
-    fine = _pack([src.image[:, :, rows] - b, src.prior_fg[:, :, rows] - b, src.alpha[:, :, rows]], 0, y1 - y0)
-    g = _gather_rows(fine, W, H, ys, xs, r, y0)
+    fine = [src.image[:, :, rows] - b, src.prior_fg[:, :, rows] - b, src.alpha[:, :, rows]]
+    g = _neighbourhoods(fine, ys - y0, xs, r)
     gy = (ys.float() + 0.5) / H * 2 - 1
     gx = (xs.float() + 0.5) / W * 2 - 1
     grid = torch.stack([gx, gy], -1).view(1, 1, n, 2)
     sig = F.grid_sample(src.sig1_low, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    ch, cw = src.coarse.shape[-2:]
-    ctx = _gather_rows(_pack([src.coarse], 0, ch), cw, ch, torch.div(ys, COARSE_F, rounding_mode="floor"),
-                       torch.div(xs, COARSE_F, rounding_mode="floor"), config.ctx_radius)
+    ctx = []
+    for f in config.context:
+        ctx.append(_neighbourhoods([src.coarse(f)], torch.div(ys, f, rounding_mode="floor"),
+                                   torch.div(xs, f, rounding_mode="floor"), config.ctx_radius))
     noise = torch.log10(src.noise_std.clamp_min(1e-4)).view(1, 3).expand(n, 3)
-    return torch.cat([g, sig.view(n, 1).clamp(0, 1), ctx, noise], 1)
+    return torch.cat([g, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
 
 
 def refine_alpha(model: Refiner, src: FeatureSource) -> tuple[torch.Tensor, torch.Tensor]:
     """Refined alpha (1, 1, H, W) and the band (1, 1, H, W) bool it was changed in; elsewhere the classical
-    alpha is returned bit for bit."""
+    alpha is returned bit for bit. The per-pixel corrections are averaged over the band pixels of a
+    (2 smooth + 1)^2 box (config.smooth), which removes their pixel-to-pixel noise."""
     band = band_mask(src.alpha, model.config.band_radius)
-    out = src.alpha.clone()
     idx = band.view(-1).nonzero().view(-1)
     if idx.numel() == 0:
-        return out, band
+        return src.alpha.clone(), band
     W = src.alpha.shape[-1]
-    flat = out.view(-1)
+    delta = torch.zeros_like(src.alpha)
+    flat = delta.view(-1)
+    a0 = src.alpha.reshape(-1)
     with torch.no_grad():
         for s in range(0, idx.numel(), CHUNK):
             i = idx[s:s + CHUNK]
-            flat[i] = model(features(src, torch.div(i, W, rounding_mode="floor"), i % W, model.config))
-    return out, band
+            flat[i] = model(features(src, torch.div(i, W, rounding_mode="floor"), i % W, model.config)) - a0[i]
+        k = model.config.smooth
+        if k > 0:
+            y0, y1, x0, x1 = _bbox(band[0, 0], k)
+            win = (slice(None), slice(None), slice(y0, y1), slice(x0, x1))
+            bw = band[win].float()
+            num = F.avg_pool2d(delta[win], 2 * k + 1, 1, k, count_include_pad=False)
+            den = F.avg_pool2d(bw, 2 * k + 1, 1, k, count_include_pad=False)
+            delta[win] = num / den.clamp_min(1e-6) * bw
+    return (src.alpha + delta).clamp_(0, 1), band
+
+
+def _bbox(mask: torch.Tensor, pad: int) -> tuple[int, int, int, int]:
+    """Bounding rows/columns of a non-empty (H, W) bool mask, widened by `pad` within the image."""
+    rows = mask.any(1).nonzero().view(-1)
+    cols = mask.any(0).nonzero().view(-1)
+    H, W = mask.shape
+    return (max(0, int(rows[0]) - pad), min(H, int(rows[-1]) + pad + 1),
+            max(0, int(cols[0]) - pad), min(W, int(cols[-1]) + pad + 1))
 
 
 # ----------------------------------------------------------------------------------------------- files
