@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from .refiner_kinds import KIND_BUILDERS
-from .refiner_objects import Ctx, blur_premultiplied, fbm, hsv_rgb, motion_kernel
+from .refiner_objects import Ctx, bezier, blur_premultiplied, fbm, hsv_rgb, motion_kernel
 
 STREAM_TAG = 0x6B657964   # part of every sample's seed sequence: changing it changes every sample
 KINDS = ("hair", "fur", "wire", "mesh", "foliage", "glass", "smoke", "motion", "text", "solid", "greenish")
@@ -45,63 +45,66 @@ MIN_SIZE, MAX_SIZE = 32, 2048
 
 def _key_colour(rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """A key colour and its hue: green 80 % of the time, else blue; saturation and brightness vary."""
-    if rng.random() < 0.8:
-        hue = rng.uniform(95, 150)
-    else:
-        hue = rng.uniform(200, 235)
-    return hsv_rgb(hue, rng.uniform(0.45, 0.92), rng.uniform(0.4, 0.92)), hue
+    hue = rng.uniform(95, 150) if rng.random() < 0.8 else rng.uniform(200, 235)
+    sat = rng.uniform(0.6, 0.95) if rng.random() < 0.8 else rng.uniform(0.4, 0.6)  # some screens are dull
+    return hsv_rgb(hue, sat, rng.uniform(0.45, 0.95)), hue
 
 
-def _wrinkles(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Cloth relief as a luminance factor around 1: ridged noise at several scales, stretched along a
-    random fold direction, plus a few sharp creases."""
-    m = max(h, w)
+def _wrinkles(rng: np.random.Generator, h: int, w: int, m: float) -> np.ndarray:
+    """Cloth relief (h, w) as a luminance change around 0: ridged noise at several scales (cells of
+    m/2 down to m/40 pixels), stretched along a random fold direction."""
     lum = np.zeros((h, w), np.float32)
     for scale, amp in ((m / rng.uniform(1.5, 3), rng.uniform(0, 0.08)), (m / rng.uniform(5, 10), rng.uniform(0, 0.05)),
                        (m / rng.uniform(15, 40), rng.uniform(0, 0.025))):
-        n = fbm(rng, h, w, max(2.0, scale), octaves=2)
+        n = fbm(rng, h, w, max(2.0, scale * h / m), octaves=2)
         lum += amp * (0.6 - np.abs(n))  # ridges where the noise crosses zero: folds
-    ang = rng.uniform(0, 180)
-    stretch = rng.uniform(1.0, 3.0)
-    rot = cv2.getRotationMatrix2D((w / 2, h / 2), ang, 1.0)
-    rot[:, :2] /= np.array([[stretch], [1.0]], np.float32).T  # stretch along the fold direction
-    lum = cv2.warpAffine(lum, rot, (w, h), borderMode=cv2.BORDER_REFLECT)
-    if rng.random() < 0.5:  # sharp creases: thin dark lines with a bright side
-        crease = np.zeros((h * 2, w * 2), np.uint8)
-        for _ in range(int(rng.integers(1, 5))):
-            p = rng.uniform(-0.2, 1.2, (4, 2)) * np.array([w, h]) * 2
-            t = np.linspace(0, 1, 24)[:, None]
-            curve = ((1 - t) ** 3 * p[0] + 3 * (1 - t) ** 2 * t * p[1] + 3 * (1 - t) * t * t * p[2] + t ** 3 * p[3])
-            cv2.polylines(crease, [np.round(curve * 8).astype(np.int32)[:, None]], False, 255, 2, cv2.LINE_AA, 3)
-        cr = cv2.resize(crease, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
-        cr = cv2.GaussianBlur(cr, (0, 0), rng.uniform(0.5, 1.5))
-        side = np.roll(cr, 1, axis=int(rng.integers(0, 2)))
-        lum += rng.uniform(0.02, 0.08) * (side - 1.6 * cr)
-    return 1.0 + lum
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(0, 180), 1.0)
+    rot[:, 0] /= rng.uniform(1.0, 3.0)  # anisotropic: folds run mostly one way
+    return cv2.warpAffine(lum, rot, (w, h), borderMode=cv2.BORDER_REFLECT)
+
+
+def _creases(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Sharp cloth creases (h, w) as a luminance change: thin dark lines with a bright side."""
+    crease = np.zeros((h * 2, w * 2), np.uint8)
+    for _ in range(int(rng.integers(1, 5))):
+        p = rng.uniform(-0.2, 1.2, (4, 2)) * np.array([w, h]) * 2
+        cv2.polylines(crease, [np.round(bezier(p, 24) * 8).astype(np.int32)[:, None]], False, 255, 2,
+                      cv2.LINE_AA, 3)
+    cr = cv2.resize(crease, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    cr = cv2.GaussianBlur(cr, (0, 0), rng.uniform(0.5, 1.5))
+    side = np.roll(cr, 1, axis=int(rng.integers(0, 2)))
+    return rng.uniform(0.02, 0.08) * (side - 1.6 * cr)
 
 
 def make_backing(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """A backing plate (h, w, 3) in 0..1, its nominal key colour and key hue (degrees)."""
+    """A backing plate (h, w, 3) in 0..1, its nominal key colour and key hue (degrees).
+    The smooth light (pools, gradient, relief, out-of-frame shadows, colour drift) is computed at half
+    size and upsampled; sharp creases at full size."""
     key, hue = _key_colour(rng)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     m = float(max(h, w))
-    light = np.full((h, w), rng.uniform(0.55, 0.85), np.float32)
+    hs, ws = (h + 1) // 2, (w + 1) // 2
+    yy, xx = np.ogrid[0:hs, 0:ws]
+    yy, xx = (yy + 0.5) * (h / hs), (xx + 0.5) * (w / ws)  # full-size coordinates of the half-size cells
+    light = np.full((hs, ws), rng.uniform(0.55, 0.85), np.float32)
     for _ in range(int(rng.integers(1, 3))):  # soft pools of light from lamps off frame
         ly, lx = rng.uniform(-0.5, 1.5) * h, rng.uniform(-0.5, 1.5) * w
         r = rng.uniform(0.4, 1.5) * m
-        light += rng.uniform(0.15, 0.5) * 1.0 / (1.0 + ((yy - ly) ** 2 + (xx - lx) ** 2) / (r * r))
+        light += rng.uniform(0.15, 0.5) / (1.0 + ((yy - ly) ** 2 + (xx - lx) ** 2) / (r * r))
     g = rng.normal(0, 0.15, 2)  # linear gradient (light from one side)
     light *= 1.0 + g[0] * (yy / m - 0.5) + g[1] * (xx / m - 0.5)
     light = light / max(float(light.max()), 1e-3) * rng.uniform(0.85, 1.1)
-    light *= _wrinkles(rng, h, w)
+    light *= 1.0 + _wrinkles(rng, hs, ws, m)
     if rng.random() < 0.35:  # soft shadow of something out of frame
-        sh = np.zeros((h, w), np.uint8)
-        pts = (rng.uniform(-0.3, 1.3, (int(rng.integers(3, 7)), 2)) * np.array([w, h])).astype(np.int32)
+        sh = np.zeros((hs, ws), np.uint8)
+        pts = (rng.uniform(-0.3, 1.3, (int(rng.integers(3, 7)), 2)) * np.array([ws, hs])).astype(np.int32)
         cv2.fillPoly(sh, [cv2.convexHull(pts)], 255)
-        shf = cv2.GaussianBlur(sh.astype(np.float32) / 255, (0, 0), rng.uniform(0.03, 0.15) * m)
+        shf = cv2.GaussianBlur(sh.astype(np.float32) / 255, (0, 0), rng.uniform(0.015, 0.075) * m)
         light *= 1.0 - rng.uniform(0.1, 0.45) * shf
-    drift = 1.0 + rng.uniform(0.0, 0.06) * fbm(rng, h, w, m / rng.uniform(1, 3), octaves=2, channels=3)
+    drift = 1.0 + rng.uniform(0.0, 0.06) * fbm(rng, hs, ws, m / rng.uniform(2, 6), octaves=2, channels=3)
     plate = key[None, None, :] * light[..., None] * drift
+    plate = cv2.resize(plate.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, 3)
+    if rng.random() < 0.5:
+        plate *= 1.0 + _creases(rng, h, w)[..., None]
     return np.clip(plate, 0.0, 1.0).astype(np.float32), key, float(hue)
 
 
@@ -171,8 +174,8 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.9:
         read, shot = rng.uniform(0.002, 0.015), rng.uniform(0.0, 0.02)
         sigma = np.sqrt(read * read + shot * shot * img)
-        shared = rng.standard_normal(img.shape[:2]).astype(np.float32)[..., None]
-        own = rng.standard_normal(img.shape).astype(np.float32)
+        shared = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
+        own = rng.standard_normal(img.shape, dtype=np.float32)
         rho = rng.uniform(0.3, 0.85)  # demosaicing correlates the channels' noise
         n = rho * shared + math.sqrt(1 - rho * rho) * own
         if rng.random() < 0.5:  # and makes it spatially coarser
@@ -230,7 +233,7 @@ def make_sample(seed: int, size: int = 256, *, camera_effects: bool = True, kind
         k = motion_kernel(r_obj, length=r_obj.uniform(3, 0.12 * size + 4))
         alpha, premult = blur_premultiplied(alpha, premult, k)
     # vignetting and white balance multiply the light from object and backing alike
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.ogrid[0:h, 0:w]
     r2 = ((yy - r_back.uniform(0.3, 0.7) * h) ** 2 + (xx - r_back.uniform(0.3, 0.7) * w) ** 2) / (0.5 * max(h, w)) ** 2
     vig = (1.0 - r_back.uniform(0.0, 0.3) * np.clip(r2 / 2.0, 0, 1.5))[..., None]
     wb = np.exp(r_back.normal(0, 0.05, 3)).astype(np.float32)

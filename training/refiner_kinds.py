@@ -33,25 +33,32 @@ def _solid_layer(ctx: Ctx, layers: Layers, outline: np.ndarray, base: np.ndarray
 
 def _strand_layers(ctx: Ctx, layers: Layers, curves: np.ndarray, base: np.ndarray, opacity=(0.55, 1.0),
                    widths=STRAND_WIDTHS, p=STRAND_P, taper: bool = True) -> None:
-    """Draw curves (N, K, 2) as strands: grouped by width, each group one layer with its own shade and
-    opacity. With taper, the outer part of each strand is drawn one width step thinner."""
+    """Draw curves (N, K, 2) as strands of colour `base`: grouped by width, each group with its own shade
+    and opacity, the groups joined with "over" (on one channel: shade; the colour is base * shade).
+    With taper, the outer third of each strand is drawn one width step thinner."""
     r = ctx.rng
     n, k = curves.shape[:2]
     group = r.choice(len(widths), n, p=p / p.sum())
     cut = k * 2 // 3
+    a_acc = np.zeros((ctx.h, ctx.w), np.float32)
+    s_acc = np.zeros((ctx.h, ctx.w), np.float32)
     for g in range(len(widths)):
         sel = curves[group == g]
         if not len(sel):
             continue
         cov = Cover(ctx.h, ctx.w)
         if taper and g > 0:
-            cov.lines(list(sel[:, :cut + 1]), widths[g])
-            thin = Cover(ctx.h, ctx.w).lines(list(sel[:, cut:]), widths[g - 1]).alpha()
-            a = np.maximum(cov.alpha(), thin)
+            cov.lines(sel[:, :cut + 1], widths[g]).lines(sel[:, cut:], widths[g - 1])
         else:
-            a = cov.lines(list(sel), widths[g]).alpha()
-        col = np.clip(base * r.uniform(0.7, 1.35), 0, 1)
-        layers.over(a * r.uniform(*opacity), col)
+            cov.lines(sel, widths[g])
+        a = cov.alpha() * np.float32(r.uniform(*opacity))
+        keep = 1.0 - a
+        s_acc *= keep
+        s_acc += np.float32(r.uniform(0.7, 1.35)) * a
+        a_acc *= keep
+        a_acc += a
+    shade_field = s_acc / np.maximum(a_acc, 1e-6)
+    layers.over(a_acc, base[None, None, :].astype(np.float32) * shade_field[..., None])
 
 
 def _hair_colour(ctx: Ctx) -> np.ndarray:
@@ -60,26 +67,29 @@ def _hair_colour(ctx: Ctx) -> np.ndarray:
     return HAIR_COLOURS[ctx.rng.integers(len(HAIR_COLOURS))] * ctx.rng.uniform(0.8, 1.15)
 
 
-def _clumped_strands(ctx: Ctx, roots: np.ndarray, normals: np.ndarray, n_strands: int) -> np.ndarray:
-    """Hair in clumps: each clump a grown spine, its strands offset across it, converging or fraying."""
-    r, m = ctx.rng, ctx.m
-    n_clumps = max(1, len(roots))
-    ang = np.arctan2(normals[:, 1], normals[:, 0]) + r.normal(0, 0.35, n_clumps)
+def _clumped_strands(ctx: Ctx, roots: np.ndarray, heading: np.ndarray, lengths: np.ndarray, n_strands: int,
+                     gravity: float = 0.0, curl: float = 0.05, wave: float = 0.0) -> np.ndarray:
+    """Hair in clumps: each clump a spine grown from a root along `heading` (angles), its strands offset
+    across it, converging toward the tips (clumped) or fraying, ending at different lengths; `wave` (px)
+    is the amplitude of a sideways wave along each clump."""
+    r = ctx.rng
+    n_clumps = len(roots)
     k = 14
-    lengths = r.uniform(0.08, 0.45, n_clumps) * m
-    spines = grow(r, roots, ang, lengths, k=k, curl=r.uniform(0.0, 0.15), wiggle=r.uniform(0.01, 0.06),
-                  gravity=r.choice([0.0, r.uniform(0.02, 0.12)]))
+    spines = grow(r, roots, heading, lengths, k=k, curl=curl, wiggle=r.uniform(0.01, 0.06), gravity=gravity)
     tan = np.gradient(spines, axis=1)
     tan /= np.maximum(np.linalg.norm(tan, axis=2, keepdims=True), 1e-6)
     nrm = np.stack([-tan[..., 1], tan[..., 0]], 2)
     c = r.integers(0, n_clumps, n_strands)
     t = np.linspace(0, 1, k)[None, :]
-    width = r.uniform(0.5, 4.0, n_clumps)[c, None]
+    width = r.uniform(0.5, 5.0, n_clumps)[c, None]
     off0 = r.normal(0, 1, (n_strands, 1)) * width
     converge = r.uniform(-1.5, 0.9, n_clumps)[c, None]       # > 0: tips meet (wet, clumped); < 0: fray
     walk = np.cumsum(r.normal(0, 0.25, (n_strands, k)), axis=1) * r.uniform(0.2, 1.0)
     off = off0 * (1 - converge * t) + walk
-    frac = r.uniform(0.55, 1.0, (n_strands, 1))             # strands end at different lengths
+    if wave > 0:
+        period = r.uniform(8, 60, n_clumps)[c, None]
+        off = off + wave * np.sin(2 * np.pi * t * lengths[c, None] / period + r.uniform(0, 6.3, n_clumps)[c, None])
+    frac = r.uniform(0.4, 1.0, (n_strands, 1))              # strands end at different lengths
     u = (t * frac) * (k - 1)
     i0 = np.clip(np.floor(u).astype(int), 0, k - 2)
     fr = (u - i0)[..., None]
@@ -88,19 +98,38 @@ def _clumped_strands(ctx: Ctx, roots: np.ndarray, normals: np.ndarray, n_strands
     return base + nn * off[..., None]
 
 
+def _angle(v: np.ndarray) -> np.ndarray:
+    return np.arctan2(v[:, 1], v[:, 0])
+
+
 def hair(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
-    """A head (or a lock off frame) with clumped, tapered strands of sub-pixel to 1.5 px width, plus
-    stray flyaways."""
+    """Hair: a head of messy hair flowing one way, long hair falling from a head, or a lock coming in
+    from the frame's edge. Clumped, tapered strands of sub-pixel to 1.5 px width that start under the
+    hair mass's surface (so its edge thins out gradually), plus stray flyaways."""
     r, m = ctx.rng, ctx.m
     layers = Layers(ctx.h, ctx.w)
     colour = _hair_colour(ctx)
-    if r.random() < 0.8:
+    variant = str(r.choice(["head", "long", "lock"], p=[0.45, 0.35, 0.2]))
+    gravity, curl = 0.0, r.uniform(0.0, 0.12)
+    if variant in ("head", "long"):
         centre = ctx.point(0.0)
-        head = blob(r, centre, r.uniform(0.15, 0.45) * m, aspect=r.uniform(0.7, 1.3), rough=0.15)
+        if variant == "long":
+            centre[1] = r.uniform(-0.25, 0.35) * ctx.h
+        head = blob(r, centre, r.uniform(0.15, 0.4) * m, aspect=r.uniform(0.7, 1.3), rough=0.15)
         a = _solid_layer(ctx, layers, head, colour, "fur", angle=r.uniform(0, np.pi))
-        roots, normals = edge_points(r, a, int(r.integers(30, 120)))
+        roots, normals = edge_points(r, a, int(r.integers(60, 250)))
         if not len(roots):
             roots, normals = ctx.point(0.2)[None], np.array([[0.0, 1.0]])
+        roots = roots - normals * r.uniform(0, 0.04 * m, (len(roots), 1))  # emerge from under the surface
+        if variant == "long":  # falls from the head's sides and bottom, pulled down
+            heading = _angle(normals + np.array([0.0, r.uniform(0.5, 1.5)]))
+            lengths = m * r.uniform(0.3, 1.1, len(roots))
+            gravity = r.uniform(0.06, 0.2)
+        else:  # messy: outward plus a combed flow direction
+            flow = r.normal(0, 1, 2) * r.uniform(0.0, 1.3)
+            heading = _angle(normals + flow) + r.normal(0, 0.3, len(roots))
+            lengths = m * (0.02 + 0.4 * r.beta(1.2, 3.0, len(roots)))
+            gravity = r.choice([0.0, r.uniform(0.02, 0.08)])
     else:  # a lock of hair coming in from the frame's edge
         n = int(r.integers(10, 40))
         side = r.integers(4)
@@ -110,14 +139,17 @@ def hair(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
         if side >= 2:
             roots = np.array([ctx.w, ctx.h]) - roots
             normals = -normals
-    n_strands = int(r.integers(150, 900))
-    curves = _clumped_strands(ctx, roots, normals, n_strands)
+        heading = _angle(normals) + r.normal(0, 0.4, n)
+        lengths = m * r.uniform(0.3, 1.0, n)
+    n_strands = int(r.integers(300, 1500))
+    wave = r.uniform(0.5, 5.0) if variant != "head" or r.random() < 0.3 else 0.0
+    curves = _clumped_strands(ctx, roots, heading, lengths, n_strands, gravity=gravity, curl=curl, wave=wave)
     _strand_layers(ctx, layers, curves, colour)
     fly = int(r.integers(0, 30))
     if fly:
-        ro, no = roots[r.integers(0, len(roots), fly)], normals[r.integers(0, len(normals), fly)]
-        stray = grow(r, ro, np.arctan2(no[:, 1], no[:, 0]) + r.normal(0, 0.8, fly), r.uniform(0.1, 0.5, fly) * m,
-                     k=16, curl=0.08, wiggle=0.06)
+        pick = r.integers(0, len(roots), fly)
+        stray = grow(r, roots[pick], heading[pick] + r.normal(0, 0.8, fly), r.uniform(0.1, 0.5, fly) * m,
+                     k=16, curl=0.08, wiggle=0.06, gravity=gravity * 0.5)
         _strand_layers(ctx, layers, stray, colour, opacity=(0.3, 0.9), widths=STRAND_WIDTHS[:2], p=STRAND_P[:2])
     return layers.result()
 
@@ -132,15 +164,14 @@ def fur(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     outline = blob(r, centre, r.uniform(0.2, 0.5) * m, aspect=r.uniform(0.6, 1.4), rough=0.3)
     a = _solid_layer(ctx, layers, outline, colour, "fur", angle=r.uniform(0, np.pi))
     perim = max(1.0, float(cv2.arcLength(outline.astype(np.float32).reshape(-1, 1, 2), True)))
-    n = int(min(5000, perim * r.uniform(1.5, 6.0)))
+    n = int(min(4000, perim * r.uniform(0.8, 3.5)))
     pts, nrm = edge_points(r, a, n)
     if len(pts):
-        length = r.uniform(2.0, 0.05 * m + 3.0) * r.uniform(0.5, 1.0, n)
+        length = r.uniform(2.0, 0.08 * m + 3.0) * r.uniform(0.4, 1.0, n)
         start = pts - nrm * (length * r.uniform(0.2, 0.6, n))[:, None]
         curves = grow(r, start, np.arctan2(nrm[:, 1], nrm[:, 0]) + r.normal(0, r.uniform(0.2, 0.7), n),
-                      length, k=4, curl=0.1, wiggle=0.05)
-        _strand_layers(ctx, layers, curves, colour, opacity=(0.6, 1.0), widths=STRAND_WIDTHS[:4],
-                       p=STRAND_P[:4], taper=False)
+                      length, k=5, curl=0.1, wiggle=0.05)
+        _strand_layers(ctx, layers, curves, colour, opacity=(0.5, 1.0), widths=STRAND_WIDTHS[:3], p=STRAND_P[:3])
     return layers.result()
 
 
@@ -218,7 +249,7 @@ def mesh(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     rot = np.array([[c, -s], [s, c]]) * r.uniform(0.7, 1.3)
     pts = pts @ rot.T + np.array([ctx.w, ctx.h]) / 2
     pts = pts * (1 + r.uniform(-0.3, 0.3) * (pts[..., 1:2] / m - 0.5))
-    a = Cover(ctx.h, ctx.w).lines(list(pts), width).alpha()
+    a = Cover(ctx.h, ctx.w).lines(pts, width).alpha()
     if r.random() < 0.7:  # only a region of the frame holds the net
         region = Cover(ctx.h, ctx.w).fill([blob(r, ctx.point(0.1), r.uniform(0.3, 0.7) * m, rough=0.15)]).alpha()
         a = a * region
@@ -239,30 +270,56 @@ def _leaf(r: np.random.Generator, base: np.ndarray, angle: float, length: float)
     return side @ np.array([[c, s], [-s, c]]) + base
 
 
+def _grass(ctx: Ctx, layers: Layers, colour) -> None:
+    """A tuft of grass: long thin tapered blades from the bottom edge, bending over."""
+    r, m = ctx.rng, ctx.m
+    n = int(r.integers(8, 60))
+    x0 = r.uniform(0.2, 0.8) * ctx.w
+    roots = np.stack([x0 + r.normal(0, 0.08 * m, n), np.full(n, ctx.h + 2.0)], 1)
+    ang = -np.pi / 2 + r.normal(0, 0.35, n)
+    blades = grow(r, roots, ang, r.uniform(0.3, 1.0, n) * m, k=16, curl=r.uniform(0.0, 0.05), wiggle=0.02,
+                  gravity=r.uniform(0.0, 0.06))
+    tan = np.gradient(blades, axis=1)
+    tan /= np.maximum(np.linalg.norm(tan, axis=2, keepdims=True), 1e-6)
+    nrm = np.stack([-tan[..., 1], tan[..., 0]], 2)
+    half = (r.uniform(0.4, 3.0, n)[:, None] * (1 - np.linspace(0, 1, 16))[None, :])[..., None]
+    outlines = np.concatenate([blades + nrm * half, (blades - nrm * half)[:, ::-1]], 1)
+    for g in range(2):
+        sel = outlines[g::2]
+        a = Cover(ctx.h, ctx.w).fill(list(sel)).alpha()
+        layers.over(a, texture(ctx, colour() if callable(colour) else colour, "smooth"))
+
+
 def foliage(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
-    """A sprig: a stem from the frame edge, thin side stems, serrated leaves (often green: the hard case
-    on a green backing), leaf veins in colour only."""
+    """A leafy sprig (stem from the frame edge, thin side stems, serrated leaves with a lighter midrib)
+    or a tuft of grass blades; often green, the hard case on a green backing."""
     r, m = ctx.rng, ctx.m
     layers = Layers(ctx.h, ctx.w)
     green = r.random() < 0.7 or ctx.key_tinted
+
     def leaf_colour():
+        if ctx.key_tinted:
+            return ctx.colour()
         if green:
             return hsv_rgb(r.uniform(60, 160), r.uniform(0.3, 0.9), r.uniform(0.12, 0.7))
         return ctx.colour(sat=(0.4, 1.0), val=(0.2, 0.9))
+    if r.random() < 0.25:
+        _grass(ctx, layers, leaf_colour)
+        return layers.result()
     stem_col = hsv_rgb(r.uniform(30, 100), r.uniform(0.3, 0.7), r.uniform(0.2, 0.6))
     ctrl = np.array([r.uniform(0, ctx.w), ctx.h + 2])[None] + np.cumsum(r.normal(0, 0.3 * m, (4, 2)), 0) * [1, 0.3]
     ctrl[1:, 1] = ctx.h + 2 - np.cumsum(r.uniform(0.15, 0.35, 3) * ctx.h)
     stem = bezier(ctrl, 48)
-    idx = r.integers(5, len(stem), int(r.integers(3, 10)))
-    stems = [stem]
-    leaves = []
-    for i in idx:
+    stems, leaves = [stem], []
+    leaf_len = r.uniform(0.06, 0.2) * m
+    for i in r.integers(5, len(stem), int(r.integers(4, 16))):
         tan = stem[min(i + 1, len(stem) - 1)] - stem[i - 1]
         ang = math.atan2(tan[1], tan[0]) + r.choice([-1, 1]) * r.uniform(0.4, 1.3)
-        sub = grow(r, stem[i][None], np.array([ang]), np.array([r.uniform(0.05, 0.2) * m]), k=8, curl=0.05)[0]
+        sub = grow(r, stem[i][None], np.array([ang]), np.array([r.uniform(0.02, 0.2) * m]), k=8, curl=0.05)[0]
         stems.append(sub)
-        leaves.append(_leaf(r, sub[-1], ang + r.normal(0, 0.3), r.uniform(0.08, 0.25) * m))
-    leaves.append(_leaf(r, stem[-1], math.atan2(*(stem[-1] - stem[-2])[::-1]), r.uniform(0.08, 0.25) * m))
+        leaves.append(_leaf(r, sub[-1], ang + r.normal(0, 0.3), leaf_len * r.uniform(0.6, 1.4)))
+    tip = stem[-1] - stem[-2]
+    leaves.append(_leaf(r, stem[-1], math.atan2(tip[1], tip[0]), leaf_len))
     a_main = Cover(ctx.h, ctx.w).lines([stem], r.uniform(1.0, 4.0)).alpha()
     a_sub = Cover(ctx.h, ctx.w).lines(stems[1:], r.uniform(0.3, 1.5)).alpha()
     layers.over(np.maximum(a_main, a_sub), stem_col)
@@ -274,8 +331,10 @@ def foliage(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
         a = Cover(ctx.h, ctx.w).fill(sel).alpha()
         base = leaf_colour()
         col = texture(ctx, base, "smooth")
-        veins = Cover(ctx.h, ctx.w).lines([lf[:60] for lf in sel], 0.6).alpha()[..., None]  # along one margin
-        col = col * (1 - 0.3 * veins) + 0.3 * veins * np.clip(base * 1.5, 0, 1)
+        half = len(sel[0]) // 2  # outline: one margin base to tip, then the other back
+        midribs = [np.stack([lf[0], lf[half - 1]]) for lf in sel]
+        veins = Cover(ctx.h, ctx.w).lines(midribs, 0.6).alpha()[..., None] * a[..., None]
+        col = col * (1 - 0.35 * veins) + 0.35 * veins * np.clip(base * 1.6 + 0.05, 0, 1)
         layers.over(a, col)
     return layers.result()
 

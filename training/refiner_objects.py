@@ -106,7 +106,12 @@ class Cover:
         self.c = np.zeros((h * SS, w * SS), np.uint8)
 
     def lines(self, curves, width: float, closed: bool = False, value: int = 255) -> "Cover":
-        curves = [to_pts(c) for c in curves]
+        """Anti-aliased polylines `width` pixels wide; curves: a list of (K, 2) arrays or one (N, K, 2)."""
+        if isinstance(curves, np.ndarray) and curves.ndim == 3:
+            pts = to_pts(curves).reshape(curves.shape[0], curves.shape[1], 1, 2)
+            curves = list(pts)
+        else:
+            curves = [to_pts(c) for c in curves]
         if curves:
             cv2.polylines(self.c, curves, closed, value, max(1, int(round(width * SS))), cv2.LINE_AA, SHIFT)
         return self
@@ -130,16 +135,20 @@ class Layers:
         self.p = np.zeros((h, w, 3), np.float32)
 
     def over(self, alpha: np.ndarray, colour) -> None:
-        a = np.clip(alpha, 0.0, 1.0).astype(np.float32)
-        col = np.clip(np.asarray(colour, np.float32), 0.0, 1.0)
-        keep = (1.0 - a)
-        self.p = col * a[..., None] + self.p * keep[..., None]
-        self.a = a + self.a * keep
+        """Put a layer of coverage `alpha` (h, w) in 0..1 and straight colour (3,) or (h, w, 3) on top."""
+        col = np.asarray(colour, np.float32)
+        keep = 1.0 - alpha
+        self.p *= keep[..., None]
+        self.p += np.clip(col, 0.0, 1.0) * alpha[..., None]
+        self.a *= keep
+        self.a += alpha
 
     def over_premult(self, alpha: np.ndarray, premult: np.ndarray) -> None:
         keep = 1.0 - alpha
-        self.p = premult + self.p * keep[..., None]
-        self.a = alpha + self.a * keep
+        self.p *= keep[..., None]
+        self.p += premult
+        self.a *= keep
+        self.a += alpha
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return np.clip(self.a, 0, 1), np.clip(self.p, 0, 1)
@@ -248,6 +257,9 @@ def texture(ctx: Ctx, base: np.ndarray, style: str, angle: float = 0.0) -> np.nd
         if r.random() < 0.3:  # bright fibre tips of another shade
             tip = np.clip(n - 1.5, 0, None)[..., None]
             col = col + tip * (ctx.colour() - col) * 0.5
+        if r.random() < 0.3:  # backing light caught deep in the pile: key-tinted specks, still opaque
+            gap = np.clip(-n - 1.0, 0, 1)[..., None] * r.uniform(0.3, 0.8)
+            col = col * (1 - gap) + gap * ctx.key * r.uniform(0.3, 0.8)
     elif style == "fabric":
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         f = r.uniform(0.5, 1.6)
