@@ -40,6 +40,8 @@ STREAM_TAG = 0x6B657964   # part of every sample's seed sequence: changing it ch
 KINDS = ("hair", "fur", "wire", "mesh", "foliage", "glass", "smoke", "motion", "text", "solid", "greenish")
 # how often each kind is drawn (hair/fur/motion/greenish are where keyers fail most)
 KIND_WEIGHTS = np.array([3, 2, 1, 1, 1.5, 1, 1, 1.5, 1, 1.5, 1.5], np.float64)
+EXTRAS = ("wire", "solid", "text", "smoke")  # what may share the shot with the main object
+EXTRA_P = 0.25
 MIN_SIZE, MAX_SIZE = 32, 2048
 
 
@@ -127,15 +129,16 @@ def contact_shadow(rng: np.random.Generator, alpha: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- object
 
 def apply_spill(rng: np.random.Generator, alpha: np.ndarray, premult: np.ndarray, backing: np.ndarray) -> np.ndarray:
-    """Backing light on the object near its edges (and on thin strands, which are all edge): the straight
-    colour moves toward the backing's by up to `s`. Works on premultiplied colour; returns it."""
+    """Backing light on the object near its edges (and on thin strands, which are all edge), sometimes a
+    little over all of it: the straight colour moves toward the backing's. Works on premultiplied colour."""
     if rng.random() < 0.15:
         return premult
     h, w = alpha.shape
     s = rng.uniform(0.05, 0.45)
     inner = cv2.GaussianBlur(alpha, (0, 0), rng.uniform(1.0, 0.03 * max(h, w) + 1.0))
     edge = np.clip(1.0 - inner, 0.0, 1.0) ** rng.uniform(0.7, 2.0)
-    t = (s * edge)[..., None]
+    bounce = rng.uniform(0.0, 0.08) if rng.random() < 0.4 else 0.0  # the screen lights the whole object a little
+    t = np.minimum(s * edge + bounce, 0.6)[..., None]
     wrap = cv2.GaussianBlur(backing, (0, 0), 3.0) * rng.uniform(0.8, 1.1)
     return (premult * (1 - t) + t * alpha[..., None] * np.clip(wrap, 0, 1)).astype(np.float32)
 
@@ -270,6 +273,12 @@ def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects:
         alpha, premult = KIND_BUILDERS[base](ctx)
     else:
         alpha, premult = KIND_BUILDERS[kind](ctx)
+        if r_obj.random() < EXTRA_P:  # a second, simpler thing in the shot, in front or behind
+            a2, p2 = KIND_BUILDERS[str(r_obj.choice(EXTRAS))](ctx)
+            if r_obj.random() < 0.5:
+                alpha, premult, a2, p2 = a2, p2, alpha, premult
+            premult = premult + p2 * (1 - alpha[..., None])
+            alpha = alpha + a2 * (1 - alpha)
     backing = backing * contact_shadow(r_back, alpha)[..., None]
     premult = apply_spill(r_obj, alpha, premult, backing)
     if kind == "motion":
