@@ -47,7 +47,7 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from models.samples import write_green_sample
+    from support.samples import write_green_sample
 
     base = args.base_dir.resolve()
     if args.model is None:
