@@ -50,7 +50,10 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "alphamatting_dev"
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
+import _package  # noqa: E402  the pack as `diffumatting` (see _package.py)
+
+_package.register()
 
 METRICS = ("sad", "mse", "grad", "conn", "fg", "fg_edge")
 
@@ -79,7 +82,7 @@ def build(size: int, limit: int | None):
     """Both benchmark sets: lists of dicts with image, alpha, fg, trimap."""
     from pymatting import estimate_foreground_ml
 
-    from models import synthetic as S
+    from diffumatting.models import synthetic as S
 
     sets = {"realistic": [], "flat": []}
     for i, (name, photo, gt, tri) in enumerate(load_set(size, limit)):
@@ -107,7 +110,7 @@ def picked_key(sample) -> np.ndarray:
 def run_greenpost(sample):
     import torch
 
-    from models.greenpost import GreenPostOptions, greenpost
+    from diffumatting.models.greenpost import GreenPostOptions, greenpost
 
     fg, a = greenpost(torch.from_numpy(sample["image"])[None], options=GreenPostOptions(**OPTS))
     return a[0].numpy(), fg[0].numpy()
@@ -183,7 +186,7 @@ METHODS = {"greenpost": run_greenpost, "vlahos_max": run_vlahos_max, "vlahos_avg
 
 def tune_ffmpeg(samples) -> None:
     """Pick chromakey's similarity/blend with the best mean SAD on `samples` (in the peer's favour)."""
-    from models.metrics import sad
+    from diffumatting.models.metrics import sad
 
     best = None
     for sim in (0.06, 0.1, 0.14, 0.18):
@@ -195,7 +198,7 @@ def tune_ffmpeg(samples) -> None:
 
 
 def evaluate(samples, methods):
-    from models.metrics import all_metrics
+    from diffumatting.models.metrics import all_metrics
 
     res = {}
     for mname in methods:
@@ -220,7 +223,7 @@ def evaluate(samples, methods):
 def speed_1mp(methods, repeats: int = 3) -> dict[str, float]:
     """Seconds per megapixel on one 1024 x 1024 synthetic green screen (models/synthetic.py), best of
     `repeats`: at the benchmark's small sizes fixed per-call costs dominate."""
-    from models import synthetic as S
+    from diffumatting.models import synthetic as S
 
     comp = S.make_composite(1024, 1024, 5, S.REALISTIC)
     sample = dict(image=comp.image, alpha=comp.alpha, fg=comp.foreground,
