@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffumatting.models.atomic import write_bytes_atomic
-from diffumatting.training.refiner_data import KINDS, contact_sheet, make_batch, make_sample
+from diffumatting.training.refiner_data import DEMOSAIC, KINDS, _demosaic, contact_sheet, make_batch, make_sample
 
 ARRAYS = ("image", "alpha", "fg", "backing")
 
@@ -123,3 +123,17 @@ def test_contact_sheet_written(artifacts_dir):
     ok, png = cv2.imencode(".png", sheet[..., ::-1])
     assert ok
     write_bytes_atomic(artifacts_dir / "refiner_data_sheet.png", png.tobytes())
+
+
+def test_rectangular_size():
+    d = make_sample(9, (48, 80))
+    assert d["image"].shape == (48, 80, 3) and d["alpha"].shape == (48, 80)
+    with pytest.raises(ValueError, match=r"size=\(48, 8\)"):
+        make_sample(9, (48, 8))
+
+
+def test_demosaic_keeps_flat_colours():
+    flat = np.broadcast_to(np.array([0.8, 0.3, 0.1], np.float32), (16, 16, 3)).copy()
+    for code in DEMOSAIC:  # each interpolation the camera may pick, with the mosaic's colour order
+        out = _demosaic(flat, code)
+        np.testing.assert_allclose(out[4:-4, 4:-4], flat[4:-4, 4:-4], atol=1.5 / 255)

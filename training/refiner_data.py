@@ -1,7 +1,8 @@
 """Training data for the GreenPost refiner: procedural green-screen photos with exact alpha and foreground.
 
-Every sample is a pure function of (seed, size): three independent random streams (object, backing,
-camera) come from `numpy.random.SeedSequence([seed, STREAM_TAG])`; no global RNG is touched.
+Every sample is a pure function of (seed, size): four independent random streams (kind, object,
+backing, camera) come from `numpy.random.SeedSequence([seed, STREAM_TAG])`; no global RNG is touched.
+So the clean variant (camera_effects=False) and a forced kind leave the other streams unchanged.
 
 How a sample is made (all arrays float32, colour HxWx3 and alpha HxW in 0..1):
 1. Backing plate B: a key colour (mostly green, some blue), lit unevenly (one or two soft light
@@ -17,8 +18,9 @@ How a sample is made (all arrays float32, colour HxWx3 and alpha HxW in 0..1):
    so the compositing equation still holds for the blurred object.
 5. Lens vignetting and the camera's white balance scale F and B alike (they multiply the light).
 6. image = alpha * fg + (1 - alpha) * backing, exactly, on the returned arrays.
-7. Camera (skipped with camera=False): slight lens blur, channel-correlated signal-dependent sensor
-   noise, 8-bit quantisation and JPEG with 4:2:0 chroma subsampling.
+7. Camera (skipped with camera_effects=False): lateral chromatic aberration, slight lens blur,
+   channel-correlated signal-dependent sensor noise, Bayer demosaicing, sharpening halos, 8-bit
+   quantisation and JPEG with 4:2:0 chroma subsampling. Each is drawn with its own probability.
 
 `fg` where alpha == 0 is undefined by the photo; it is filled with a smooth extension of the nearby
 object colour so that a foreground loss weighted by alpha sees no jump.
@@ -166,9 +168,40 @@ def fill_foreground(alpha: np.ndarray, premult: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- camera
 
+DEMOSAIC = (cv2.COLOR_BayerBG2RGB, cv2.COLOR_BayerBG2RGB_EA, cv2.COLOR_BayerBG2RGB_VNG)  # for an RGGB mosaic
+
+
+def _chromatic_aberration(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Lateral chromatic aberration: red and blue magnified slightly differently about the lens centre
+    (up to ~1.5 px at the frame's corner), which puts colour fringes on edges."""
+    h, w = img.shape[:2]
+    c = (w * rng.uniform(0.3, 0.7), h * rng.uniform(0.3, 0.7))
+    shift = rng.uniform(0.3, 1.5) / (0.7 * max(h, w))
+    out = img.copy()
+    for ch, sgn in ((0, 1.0), (2, -1.0)):
+        mat = cv2.getRotationMatrix2D(c, 0.0, 1.0 + sgn * shift)
+        out[..., ch] = cv2.warpAffine(img[..., ch], mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return out
+
+
+def _demosaic(img: np.ndarray, code: int) -> np.ndarray:
+    """Keep one colour per pixel (RGGB Bayer mosaic, 8-bit) and interpolate the rest back, as a camera
+    does: zipper and false-colour artefacts along fine edges."""
+    u8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    bayer = np.empty(u8.shape[:2], np.uint8)
+    bayer[0::2, 0::2] = u8[0::2, 0::2, 0]
+    bayer[0::2, 1::2] = u8[0::2, 1::2, 1]
+    bayer[1::2, 0::2] = u8[1::2, 0::2, 1]
+    bayer[1::2, 1::2] = u8[1::2, 1::2, 2]
+    return cv2.cvtColor(bayer, code).astype(np.float32) / 255.0
+
+
 def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """What a camera adds to the light: slight blur, sensor noise, 8-bit quantisation, JPEG 4:2:0."""
+    """What a camera adds to the light: lens blur and chromatic aberration, channel-correlated
+    signal-dependent sensor noise, demosaicing, sharpening, 8-bit quantisation, JPEG with 4:2:0 chroma."""
     img = image
+    if rng.random() < 0.3:
+        img = _chromatic_aberration(rng, img)
     if rng.random() < 0.6:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.8))
     if rng.random() < 0.9:
@@ -182,6 +215,10 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
             n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.4, 0.8))
             n /= max(float(n.std()), 1e-6)
         img = img + sigma * n
+    if rng.random() < 0.25:
+        img = _demosaic(img, int(rng.choice(DEMOSAIC)))
+    if rng.random() < 0.4:  # in-camera sharpening: halos along edges
+        img = img + rng.uniform(0.2, 0.8) * (img - cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 2.0)))
     img = np.clip(img, 0.0, 1.0)
     if rng.random() < 0.75:
         q = int(rng.integers(60, 99))
@@ -198,28 +235,34 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- API
 
-def _check(seed, size) -> None:
+def _check(seed, size) -> tuple[int, int]:
+    """Validate the arguments; returns (height, width)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: expected a non-negative integer")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size={size!r}: expected an integer in [{MIN_SIZE}, {MAX_SIZE}] (pixels per side)")
+    dims = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if len(dims) != 2 or not all(not isinstance(d, bool) and isinstance(d, (int, np.integer)) and MIN_SIZE <= d <= MAX_SIZE
+                                 for d in dims):
+        raise ValueError(f"size={size!r}: expected an integer or a (height, width) pair of integers, each in "
+                         f"[{MIN_SIZE}, {MAX_SIZE}] pixels")
+    return int(dims[0]), int(dims[1])
 
 
-def make_sample(seed: int, size: int = 256, *, camera_effects: bool = True, kind: str | None = None) -> dict:
-    """One training sample (see the module docstring). Returns float32 arrays `image` (H, W, 3),
-    `alpha` (H, W), `fg` (H, W, 3), `backing` (H, W, 3), and `kind` (str).
+def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
+                kind: str | None = None) -> dict:
+    """One training sample (see the module docstring). size: side in pixels, or (height, width).
+    Returns float32 arrays `image` (H, W, 3), `alpha` (H, W), `fg` (H, W, 3), `backing` (H, W, 3), and
+    `kind` (str).
 
     camera_effects=False returns the clean photo, for which image == alpha*fg + (1-alpha)*backing up to
-    float rounding; with True (the default) blur, noise and JPEG follow, everything else is identical.
+    float rounding; with True (the default) the camera's effects follow, everything else is identical.
     kind forces one of KINDS (default: drawn from the seed with KIND_WEIGHTS)."""
-    _check(seed, size)
+    h, w = _check(seed, size)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected None or one of {', '.join(KINDS)}")
     r_kind, r_obj, r_back, r_cam = (np.random.default_rng(s)
                                     for s in np.random.SeedSequence([int(seed), STREAM_TAG]).spawn(4))
     picked = str(r_kind.choice(KINDS, p=KIND_WEIGHTS / KIND_WEIGHTS.sum()))
     kind = kind or picked
-    h = w = int(size)
     backing, key, hue = make_backing(r_back, h, w)
     ctx = Ctx(rng=r_obj, h=h, w=w, key=key, key_hue=hue)
     if kind == "motion":
@@ -230,7 +273,7 @@ def make_sample(seed: int, size: int = 256, *, camera_effects: bool = True, kind
     backing = backing * contact_shadow(r_back, alpha)[..., None]
     premult = apply_spill(r_obj, alpha, premult, backing)
     if kind == "motion":
-        k = motion_kernel(r_obj, length=r_obj.uniform(3, 0.12 * size + 4))
+        k = motion_kernel(r_obj, length=r_obj.uniform(3, 0.12 * max(h, w) + 4))
         alpha, premult = blur_premultiplied(alpha, premult, k)
     # vignetting and white balance multiply the light from object and backing alike
     yy, xx = np.ogrid[0:h, 0:w]
@@ -249,7 +292,7 @@ def make_sample(seed: int, size: int = 256, *, camera_effects: bool = True, kind
     return {"image": image, "alpha": alpha, "fg": fg, "backing": backing, "kind": kind}
 
 
-def make_batch(seeds: Sequence[int], size: int = 256, *, camera_effects: bool = True,
+def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
                to_tensor: Callable | None = None) -> dict:
     """Samples for `seeds`, stacked: image/fg/backing (N, H, W, 3), alpha (N, H, W), kind list[str].
     to_tensor (e.g. torch.from_numpy) is applied to each stacked array when given."""
