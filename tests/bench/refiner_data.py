@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
+import _package  # noqa: E402  the pack as `diffumatting` (see _package.py)
+
+_package.register()
 
 
 def _cpu_ms(fn) -> tuple[float, object]:
@@ -39,8 +42,8 @@ def main(argv=None) -> int:
     import cv2
 
     cv2.setNumThreads(1)
-    from models import synthetic as S
-    from training.refiner_data import make_sample
+    from diffumatting.models import synthetic as S
+    from diffumatting.training.refiner_data import make_sample
 
     make_sample(10 ** 6, args.size)  # warm-up: imports, first allocations
     S.make_composite(args.size, args.size, 10 ** 6, S.REALISTIC)
