@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffumatting.models.atomic import write_bytes_atomic
-from diffumatting.training.refiner_data import DEMOSAIC, KINDS, _demosaic, contact_sheet, make_batch, make_sample
+from diffumatting.training.refiner_data import DEMOSAIC, KINDS, MIN_COVER, _demosaic, contact_sheet, make_batch, make_sample
 
 ARRAYS = ("image", "alpha", "fg", "backing")
 
@@ -63,9 +63,14 @@ def test_camera_adds_noise_and_compression():
     assert max(diffs) > 0.002 and min(diffs) >= 0.0
 
 
-def test_every_kind_appears():
-    seen = {make_sample(s, 40)["kind"] for s in range(150)}
+def test_every_kind_appears_and_every_object_is_in_frame():
+    seen, covers = set(), []
+    for s in range(150):
+        d = make_sample(s, 40)
+        seen.add(d["kind"])
+        covers.append(float(d["alpha"].mean()))
     assert seen == set(KINDS)
+    assert min(covers) >= 0.9 * MIN_COVER  # (motion blur may push a little of it out of the frame)
 
 
 def _fractions(alpha):

@@ -42,6 +42,8 @@ KINDS = ("hair", "fur", "wire", "mesh", "foliage", "glass", "smoke", "motion", "
 KIND_WEIGHTS = np.array([3, 2, 1, 1, 1.5, 1, 1, 1.5, 1, 1.5, 1.5], np.float64)
 EXTRAS = ("wire", "solid", "text", "smoke")  # what may share the shot with the main object
 EXTRA_P = 0.25
+MOTION_BASES = ("solid", "hair", "fur", "wire", "text", "foliage", "greenish")  # what moves in "motion"
+MIN_COVER = 0.005  # an object covering less of the frame than this is drawn again
 MIN_SIZE, MAX_SIZE = 32, 2048
 
 
@@ -268,17 +270,17 @@ def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects:
     kind = kind or picked
     backing, key, hue = make_backing(r_back, h, w)
     ctx = Ctx(rng=r_obj, h=h, w=w, key=key, key_hue=hue)
-    if kind == "motion":
-        base = str(r_obj.choice(("solid", "hair", "fur", "wire", "text", "foliage", "greenish")))
+    base = str(r_obj.choice(MOTION_BASES)) if kind == "motion" else kind
+    for _ in range(8):  # an object that missed the frame is drawn again (from the same stream)
         alpha, premult = KIND_BUILDERS[base](ctx)
-    else:
-        alpha, premult = KIND_BUILDERS[kind](ctx)
-        if r_obj.random() < EXTRA_P:  # a second, simpler thing in the shot, in front or behind
-            a2, p2 = KIND_BUILDERS[str(r_obj.choice(EXTRAS))](ctx)
-            if r_obj.random() < 0.5:
-                alpha, premult, a2, p2 = a2, p2, alpha, premult
-            premult = premult + p2 * (1 - alpha[..., None])
-            alpha = alpha + a2 * (1 - alpha)
+        if float(alpha.sum()) >= MIN_COVER * h * w:
+            break
+    if kind != "motion" and r_obj.random() < EXTRA_P:  # a second, simpler thing in the shot
+        a2, p2 = KIND_BUILDERS[str(r_obj.choice(EXTRAS))](ctx)
+        if r_obj.random() < 0.5:  # in front or behind
+            alpha, premult, a2, p2 = a2, p2, alpha, premult
+        premult = premult + p2 * (1 - alpha[..., None])
+        alpha = alpha + a2 * (1 - alpha)
     backing = backing * contact_shadow(r_back, alpha)[..., None]
     premult = apply_spill(r_obj, alpha, premult, backing)
     if kind == "motion":
