@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from diffumatting.models.atomic import write_bytes_atomic
-from diffumatting.training.refiner_data import DEMOSAIC, KINDS, MIN_COVER, _demosaic, contact_sheet, make_batch, make_sample
+from diffumatting.training.refiner_data import (DEMOSAIC, KINDS, MIN_COVER, _demosaic, contact_sheet, linear_to_srgb,
+                                                  make_batch, make_sample, srgb_to_linear)
 
 ARRAYS = ("image", "alpha", "fg", "backing")
 
@@ -142,3 +143,20 @@ def test_demosaic_keeps_flat_colours():
     for code in DEMOSAIC:  # each interpolation the camera may pick, with the mosaic's colour order
         out = _demosaic(flat, code)
         np.testing.assert_allclose(out[4:-4, 4:-4], flat[4:-4, 4:-4], atol=1.5 / 255)
+
+
+def test_linear_light_mix():
+    x = np.linspace(0, 1, 101, dtype=np.float32)
+    np.testing.assert_allclose(linear_to_srgb(srgb_to_linear(x)), x, atol=1e-5)
+    for kind in ("hair", "smoke"):
+        disp = make_sample(21, 96, camera_effects=False, kind=kind)
+        lin = make_sample(21, 96, camera_effects=False, kind=kind, light="linear")
+        for name in ("alpha", "fg", "backing"):
+            np.testing.assert_array_equal(disp[name], lin[name])
+        a = lin["alpha"][..., None]
+        mix = a * srgb_to_linear(lin["fg"]) + (1 - a) * srgb_to_linear(lin["backing"])
+        np.testing.assert_allclose(srgb_to_linear(lin["image"]), mix, atol=1e-5)
+        soft = (lin["alpha"] > 0.2) & (lin["alpha"] < 0.8)
+        assert np.abs(lin["image"] - disp["image"])[soft].mean() > 0.005  # the two mixes differ on edges
+    with pytest.raises(ValueError, match="light='gamma'"):
+        make_sample(0, 48, light="gamma")

@@ -17,7 +17,8 @@ How a sample is made (all arrays float32, colour HxWx3 and alpha HxW in 0..1):
 4. Motion blur and defocus blur the object's premultiplied colour and its alpha with the same kernel,
    so the compositing equation still holds for the blurred object.
 5. Lens vignetting and the camera's white balance scale F and B alike (they multiply the light).
-6. image = alpha * fg + (1 - alpha) * backing, exactly, on the returned arrays.
+6. image = alpha * fg + (1 - alpha) * backing, exactly, on the returned arrays (or, with light="linear",
+   the same mix in linear light, sRGB-encoded).
 7. Camera (skipped with camera_effects=False): lateral chromatic aberration, slight lens blur,
    channel-correlated signal-dependent sensor noise, Bayer demosaicing, sharpening halos, 8-bit
    quantisation and JPEG with 4:2:0 chroma subsampling. Each is drawn with its own probability.
@@ -43,6 +44,7 @@ KIND_WEIGHTS = np.array([3, 2, 1, 1, 1.5, 1, 1, 1.5, 1, 1.5, 1.5], np.float64)
 EXTRAS = ("wire", "solid", "text", "smoke")  # what may share the shot with the main object
 EXTRA_P = 0.25
 MOTION_BASES = ("solid", "hair", "fur", "wire", "text", "foliage", "greenish")  # what moves in "motion"
+LIGHTS = ("display", "linear")  # where object and backing are mixed (see make_sample)
 MIN_COVER = 0.005  # an object covering less of the frame than this is drawn again
 MIN_SIZE, MAX_SIZE = 32, 2048
 
@@ -238,6 +240,18 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in 0..1 to linear light (IEC 61966-2-1)."""
+    x = np.asarray(x, np.float32)
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """Linear light in 0..1 to sRGB-encoded values (IEC 61966-2-1)."""
+    x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)
+    return np.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------- API
 
 def _check(seed, size) -> tuple[int, int]:
@@ -253,17 +267,23 @@ def _check(seed, size) -> tuple[int, int]:
 
 
 def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
-                kind: str | None = None) -> dict:
+                kind: str | None = None, light: str = "display") -> dict:
     """One training sample (see the module docstring). size: side in pixels, or (height, width).
     Returns float32 arrays `image` (H, W, 3), `alpha` (H, W), `fg` (H, W, 3), `backing` (H, W, 3), and
     `kind` (str).
 
     camera_effects=False returns the clean photo, for which image == alpha*fg + (1-alpha)*backing up to
     float rounding; with True (the default) the camera's effects follow, everything else is identical.
-    kind forces one of KINDS (default: drawn from the seed with KIND_WEIGHTS)."""
+    kind forces one of KINDS (default: drawn from the seed with KIND_WEIGHTS).
+    light="linear" mixes object and backing in linear light, as a lens and sensor do, and sRGB-encodes
+    the photo: then srgb_to_linear(image) == alpha*srgb_to_linear(fg) + (1-alpha)*srgb_to_linear(backing)
+    before the camera effects; alpha, fg and backing are the same arrays as with "display" (the default,
+    the compositing of matting benchmarks: image == alpha*fg + (1-alpha)*backing on the encoded values)."""
     h, w = _check(seed, size)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected None or one of {', '.join(KINDS)}")
+    if light not in LIGHTS:
+        raise ValueError(f"light={light!r}: expected one of {', '.join(LIGHTS)}")
     r_kind, r_obj, r_back, r_cam = (np.random.default_rng(s)
                                     for s in np.random.SeedSequence([int(seed), STREAM_TAG]).spawn(4))
     picked = str(r_kind.choice(KINDS, p=KIND_WEIGHTS / KIND_WEIGHTS.sum()))
@@ -297,19 +317,23 @@ def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects:
     premult = premult * scale
     alpha = np.where(alpha < 1e-6, 0.0, np.where(alpha > 1 - 1e-6, 1.0, alpha)).astype(np.float32)
     fg = fill_foreground(alpha, premult)
-    image = (alpha[..., None] * fg + (1 - alpha[..., None]) * backing).astype(np.float32)
+    a = alpha[..., None]
+    if light == "linear":
+        image = linear_to_srgb(a * srgb_to_linear(fg) + (1 - a) * srgb_to_linear(backing))
+    else:
+        image = (a * fg + (1 - a) * backing).astype(np.float32)
     if camera_effects:
         image = camera(r_cam, image)
     return {"image": image, "alpha": alpha, "fg": fg, "backing": backing, "kind": kind}
 
 
 def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
-               to_tensor: Callable | None = None) -> dict:
+               light: str = "display", to_tensor: Callable | None = None) -> dict:
     """Samples for `seeds`, stacked: image/fg/backing (N, H, W, 3), alpha (N, H, W), kind list[str].
     to_tensor (e.g. torch.from_numpy) is applied to each stacked array when given."""
     if len(seeds) == 0:
         raise ValueError("seeds is empty: expected at least one seed")
-    samples = [make_sample(int(s), size, camera_effects=camera_effects) for s in seeds]
+    samples = [make_sample(int(s), size, camera_effects=camera_effects, light=light) for s in seeds]
     out = {}
     for name in ("image", "alpha", "fg", "backing"):
         arr = np.stack([s[name] for s in samples])
