@@ -203,6 +203,31 @@ def _demosaic(img: np.ndarray, code: int) -> np.ndarray:
     return cv2.cvtColor(bayer, code).astype(np.float32) / 255.0
 
 
+def sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Signal-dependent noise (read noise plus shot noise growing with the light), correlated across the
+    channels as demosaicing makes it, sometimes spatially coarser too. Returns the noisy image."""
+    read, shot = rng.uniform(0.002, 0.015), rng.uniform(0.0, 0.02)
+    sigma = np.sqrt(read * read + shot * shot * img)
+    shared = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
+    own = rng.standard_normal(img.shape, dtype=np.float32)
+    rho = rng.uniform(0.3, 0.85)
+    n = rho * shared + math.sqrt(1 - rho * rho) * own
+    if rng.random() < 0.5:
+        n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.4, 0.8))
+        n /= max(float(n.std()), 1e-6)
+    return img + sigma * n
+
+
+def jpeg_420(img: np.ndarray, quality: int) -> np.ndarray:
+    """Round trip through an 8-bit JPEG with 4:2:0 chroma subsampling (what most cameras write)."""
+    u8 = (np.clip(img[..., ::-1], 0, 1) * 255 + 0.5).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed at quality {quality}")
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255.0
+
+
 def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """What a camera adds to the light: lens blur and chromatic aberration, channel-correlated
     signal-dependent sensor noise, demosaicing, sharpening, 8-bit quantisation, JPEG with 4:2:0 chroma."""
@@ -212,29 +237,14 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.6:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.8))
     if rng.random() < 0.9:
-        read, shot = rng.uniform(0.002, 0.015), rng.uniform(0.0, 0.02)
-        sigma = np.sqrt(read * read + shot * shot * img)
-        shared = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
-        own = rng.standard_normal(img.shape, dtype=np.float32)
-        rho = rng.uniform(0.3, 0.85)  # demosaicing correlates the channels' noise
-        n = rho * shared + math.sqrt(1 - rho * rho) * own
-        if rng.random() < 0.5:  # and makes it spatially coarser
-            n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.4, 0.8))
-            n /= max(float(n.std()), 1e-6)
-        img = img + sigma * n
+        img = sensor_noise(rng, img)
     if rng.random() < 0.25:
         img = _demosaic(img, int(rng.choice(DEMOSAIC)))
     if rng.random() < 0.4:  # in-camera sharpening: halos along edges
         img = img + rng.uniform(0.2, 0.8) * (img - cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 2.0)))
     img = np.clip(img, 0.0, 1.0)
     if rng.random() < 0.75:
-        q = int(rng.integers(60, 99))
-        u8 = (img[..., ::-1] * 255 + 0.5).astype(np.uint8)
-        ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed at quality {q}")
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255.0
+        img = jpeg_420(img, int(rng.integers(60, 99)))
     elif rng.random() < 0.9:
         img = np.round(img * 255) / 255
     return np.ascontiguousarray(img, dtype=np.float32)
