@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import _package  # this script's folder is on sys.path (Python puts it there), see _package.py
+
+_package.register()
+HERE = _package.ROOT
 
 DATA_SOURCES = ("synthetic", "procedural")
 CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated images are noise-free)
@@ -92,7 +94,7 @@ def parse_args(argv):
         a.context = tuple(int(v) for v in a.context.split(",") if v.strip())
     except ValueError:
         p.error(f"--context {a.context!r}: expected comma-separated integers, e.g. 4,16")
-    from models.refiner import RefinerConfig
+    from diffumatting.models.refiner import RefinerConfig
 
     try:
         a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context,
@@ -109,7 +111,7 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
     import numpy as np
 
     if source == "procedural":
-        from training.refiner_data import make_sample
+        from diffumatting.training.refiner_data import make_sample
 
         rng = np.random.default_rng([seed, 19])
         size = int(rng.integers(size_min, size_max + 1))
@@ -118,7 +120,7 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
             return None  # GreenPost keys green backings (the classical key does not see the others)
         return d["image"], d["alpha"]
 
-    from models import synthetic as S
+    from diffumatting.models import synthetic as S
 
     rng = np.random.default_rng([seed, 17])
     h = int(rng.integers(size_min, size_max + 1))
@@ -137,8 +139,8 @@ def sample_pixels(image, alpha_gt, config, n: int, seed: int):
     at up to n band pixels chosen with a generator seeded by `seed`."""
     import torch
 
-    from models.greenpost import GreenPostOptions, key_fields
-    from models.refiner import FeatureSource, alpha_column, band_mask, features
+    from diffumatting.models.greenpost import GreenPostOptions, key_fields
+    from diffumatting.models.refiner import FeatureSource, alpha_column, band_mask, features
 
     x = torch.from_numpy(image).permute(2, 0, 1).contiguous()
     kf = key_fields(x, None, GreenPostOptions(refiner="off"))
@@ -182,7 +184,7 @@ def _resume_path(out: Path) -> Path:
 def _save_resume(path: Path, model, opt, step: int, args) -> None:
     from safetensors.torch import save_file
 
-    from models.atomic import atomic_path
+    from diffumatting.models.atomic import atomic_path
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(model.parameters()):
@@ -232,7 +234,7 @@ def lr_at(step: int, args) -> float:
 def train(args) -> dict:
     import torch
 
-    from models.refiner import Refiner, save_refiner, weights_hash
+    from diffumatting.models.refiner import Refiner, save_refiner, weights_hash
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

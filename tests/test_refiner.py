@@ -19,6 +19,16 @@ from diffumatting.models.synthetic import REALISTIC, make_composite
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str):
+    """Import a root script (greenpost.py, train_refiner.py) as a module without touching sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _small(seed: int = 0) -> R.Refiner:
     torch.manual_seed(seed)
     return R.Refiner(R.RefinerConfig(hidden=(8,)))
@@ -212,10 +222,7 @@ def test_training_flags_are_validated(args, message):
 
 
 def test_training_help_documents_every_flag():
-    sys.path.insert(0, str(ROOT))
-    import train_refiner
-
-    for action in train_refiner.build_parser()._actions:
+    for action in _script("train_refiner").build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
 
 
@@ -229,10 +236,7 @@ def test_options_default_to_the_shipped_refiner():
 
 
 def test_cli_defaults_to_the_refiner():
-    sys.path.insert(0, str(ROOT))
-    import greenpost as cli
-
-    p = cli.build_parser()
+    p = _script("greenpost").build_parser()
     assert p.parse_args(["in", "out"]).refiner == RefinerChoice.SHIPPED.value
     assert p.parse_args(["in", "out", "--refiner", "off"]).refiner == "off"
     with pytest.raises(SystemExit):
