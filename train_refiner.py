@@ -40,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=int, default=600, help="composites in the training pool")
+    p.add_argument("--images", type=int, default=2000, help="composites in the training pool")
     p.add_argument("--val-images", type=int, default=40, help="held-out composites (other seeds) for the report")
     p.add_argument("--size-min", type=int, default=160, help="smallest composite side in pixels")
-    p.add_argument("--size-max", type=int, default=448, help="largest composite side in pixels")
-    p.add_argument("--pixels-per-image", type=int, default=1500, help="band pixels sampled from each composite")
+    p.add_argument("--size-max", type=int, default=384, help="largest composite side in pixels")
+    p.add_argument("--pixels-per-image", type=int, default=700, help="band pixels sampled from each composite")
     p.add_argument("--steps", type=int, default=20000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=2048, help="pixels per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 5%% of it)")
@@ -52,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", default="48,24", help="MLP hidden layer widths, comma-separated")
     p.add_argument("--radius", type=int, default=1, help="fine neighbourhood radius in pixels (0..8)")
     p.add_argument("--band-radius", type=int, default=1, help="dilation of the uncertain band in pixels (0..8)")
-    p.add_argument("--smooth", type=int, default=1,
-                   help="at inference the corrections are box-averaged over (2s+1)^2 band pixels (0..8, 0 = off)")
-    p.add_argument("--context", default="4", help="pooling factors of the context levels, comma-separated "
+    p.add_argument("--context", default="4,16", help="pooling factors of the context levels, comma-separated "
                                                   "(each 2, 4, 8, 16, 32 or 64), e.g. 4,16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (fixed for reproducibility)")
     p.add_argument("--save-every", type=int, default=2000, help="write a resume checkpoint every N steps")
@@ -76,7 +74,7 @@ def parse_args(argv):
               ("--pixels-per-image", a.pixels_per_image, 1, 1_000_000), ("--steps", a.steps, 1, 10_000_000),
               ("--batch", a.batch, 1, 1_000_000), ("--threads", a.threads, 1, 256),
               ("--save-every", a.save_every, 1, 10_000_000), ("--radius", a.radius, 0, 8),
-              ("--band-radius", a.band_radius, 0, 8), ("--smooth", a.smooth, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
+              ("--band-radius", a.band_radius, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
     for name, v, lo, hi in checks:
         if not lo <= v <= hi:
             p.error(f"{name} {v} is outside {lo}..{hi}; give a value in that range")
@@ -97,8 +95,7 @@ def parse_args(argv):
     from diffumatting.models.refiner import RefinerConfig
 
     try:
-        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context,
-                                 smooth=a.smooth)
+        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context)
     except ValueError as e:
         p.error(str(e))
     return a
@@ -172,6 +169,8 @@ def build_pool(args, seeds, n_per_image):
             feats.append(got[0])
             ys.append(got[1])
             a0.append(got[2])
+    if not feats:
+        return None
     return torch.cat(feats), torch.cat(ys), torch.cat(a0)
 
 
@@ -199,7 +198,7 @@ def _save_resume(path: Path, model, opt, step: int, args) -> None:
 
 def _args_fingerprint(args) -> str:
     keys = ("seed", "data", "images", "size_min", "size_max", "pixels_per_image", "steps", "batch", "lr",
-            "weight_decay", "hidden", "radius", "band_radius", "context", "smooth")
+            "weight_decay", "hidden", "radius", "band_radius", "context")
     return json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
 
 
@@ -241,7 +240,11 @@ def train(args) -> dict:
     t0 = time.perf_counter()
     train_seeds = [args.seed * 1_000_003 + i for i in range(args.images)]
     val_seeds = [args.seed * 1_000_003 + 500_000 + i for i in range(args.val_images)]
-    X, Y, A0 = build_pool(args, train_seeds, args.pixels_per_image)
+    pool = build_pool(args, train_seeds, args.pixels_per_image)
+    if pool is None:
+        raise SystemExit(f"error: none of the {args.images} training composites had an uncertain band on a green "
+                         f"backing; raise --images")
+    X, Y, A0 = pool
     t_data = time.perf_counter() - t0
     if not args.quiet:
         print(f"pool: {X.shape[0]} band pixels from {args.images} composites in {t_data:.0f} s", flush=True)
@@ -279,8 +282,9 @@ def train(args) -> dict:
               "parameters": model.num_parameters(), "train_l1_classical": float((A0 - Y).abs().mean())}
     with torch.no_grad():
         report["train_l1_refined"] = float((model(X) - Y).abs().mean())
-        if val_seeds:
-            Xv, Yv, Av = build_pool(args, val_seeds, 10 ** 9)
+        val = build_pool(args, val_seeds, 10 ** 9) if val_seeds else None
+        if val is not None:
+            Xv, Yv, Av = val
             report["val_l1_classical"] = float((Av - Yv).abs().mean())
             report["val_l1_refined"] = float((model(Xv) - Yv).abs().mean())
     report["seconds"] = round(time.perf_counter() - t0, 1)

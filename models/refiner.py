@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = WEIGHTS_DIR / "greenpost_refiner.safetensors"
 CHUNK = 65536  # band pixels per forward pass (bounds the memory at any image size)
+SMOOTH = 1     # corrections are box-averaged over the band pixels of a (2 SMOOTH + 1)^2 box (tune split)
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
 COARSE_CH = 4   # pooled I-B (3), pooled classical alpha
@@ -45,10 +46,9 @@ class RefinerConfig:
     hidden: tuple[int, ...] = (48, 24)
     band_radius: int = 1       # dilation of the uncertain pixels
     context: tuple[int, ...] = (4,)  # pooling factors of the context levels
-    smooth: int = 1            # the correction is box-averaged over (2s+1)^2 band pixels (0 = off)
 
     def __post_init__(self):
-        for name in ("radius", "ctx_radius", "band_radius", "smooth"):
+        for name in ("radius", "ctx_radius", "band_radius"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 8:
                 raise ValueError(f"refiner config {name}={v!r}: expected an integer in 0..8")
@@ -200,10 +200,10 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
     return torch.cat([g, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
 
 
-def refine_alpha(model: Refiner, src: FeatureSource) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_alpha(model: Refiner, src: FeatureSource, smooth: int = SMOOTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Refined alpha (1, 1, H, W) and the band (1, 1, H, W) bool it was changed in; elsewhere the classical
     alpha is returned bit for bit. The per-pixel corrections are averaged over the band pixels of a
-    (2 smooth + 1)^2 box (config.smooth), which removes their pixel-to-pixel noise."""
+    (2 smooth + 1)^2 box (default SMOOTH), which removes their pixel-to-pixel noise."""
     band = band_mask(src.alpha, model.config.band_radius)
     idx = band.view(-1).nonzero().view(-1)
     if idx.numel() == 0:
@@ -216,7 +216,7 @@ def refine_alpha(model: Refiner, src: FeatureSource) -> tuple[torch.Tensor, torc
         for s in range(0, idx.numel(), CHUNK):
             i = idx[s:s + CHUNK]
             flat[i] = model(features(src, torch.div(i, W, rounding_mode="floor"), i % W, model.config)) - a0[i]
-        k = model.config.smooth
+        k = smooth
         if k > 0:
             y0, y1, x0, x1 = _bbox(band[0, 0], k)
             win = (slice(None), slice(None), slice(y0, y1), slice(x0, x1))
