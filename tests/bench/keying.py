@@ -66,9 +66,12 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "alphamatting_dev"
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _package  # noqa: E402  the pack as `diffumatting` (see _package.py)
+
+_package.register()
 
 METRICS = ("sad", "sad_unk", "mse", "grad", "conn", "fg")
 LABELS = {"sad": "SAD", "sad_unk": "SAD unknown", "mse": "MSE unknown x1e3", "grad": "Grad", "conn": "Conn",
@@ -115,7 +118,7 @@ def build(size: int, limit: int | None, gens) -> dict[str, list[dict]]:
     from photo_backing import shoot
     from pymatting import estimate_foreground_ml
 
-    from models import synthetic as S
+    from diffumatting.models import synthetic as S
 
     sets = {g: [] for g in gens}
     for i, (name, photo, gt, tri) in enumerate(load_photos(size, limit)):
@@ -146,13 +149,13 @@ def picked_key(sample) -> np.ndarray:
 
 
 def _has_refiner() -> bool:
-    from models.greenpost import GreenPostOptions
+    from diffumatting.models.greenpost import GreenPostOptions
 
     return "refiner" in {f.name for f in fields(GreenPostOptions)}
 
 
 def _greenpost_options(classical: bool):
-    from models.greenpost import GreenPostOptions
+    from diffumatting.models.greenpost import GreenPostOptions
 
     opts = GreenPostOptions()
     if classical and _has_refiner():
@@ -164,7 +167,7 @@ def _greenpost_options(classical: bool):
 def _run_greenpost(image, classical: bool):
     import torch
 
-    from models.greenpost import greenpost
+    from diffumatting.models.greenpost import greenpost
 
     fg, a = greenpost(torch.from_numpy(image)[None], options=_greenpost_options(classical))
     return a[0].numpy(), fg[0].numpy()
@@ -331,7 +334,7 @@ def table(title: str, res: dict, idx: list[int]) -> tuple[str, dict]:
 def _speed_sample(size: int = 1024):
     from photo_backing import shoot
 
-    from models import synthetic as S
+    from diffumatting.models import synthetic as S
 
     fg, alpha = S.random_object(size, size, 5)
     shot = shoot(fg, alpha, 5)
@@ -377,7 +380,7 @@ def _rss_child(path: str, classical: bool) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from models.greenpost import greenpost
+    from diffumatting.models.greenpost import greenpost
 
     arr = np.load(path)
     img = torch.from_numpy(arr).float().div_(255.0)[None]
