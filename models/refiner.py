@@ -105,6 +105,14 @@ class Refiner(nn.Module):
         self.register_buffer("in_mean", torch.zeros(self.config.n_inputs))
         self.register_buffer("in_std", torch.ones(self.config.n_inputs))
 
+    def halo(self) -> int:
+        """Rows of margin a band of an image needs so that its inner rows refine as in the whole image: the
+        widest context reach, a multiple of 16 (GreenPost's bands start on multiples of 16, so the context
+        levels' pooling blocks stay aligned with the whole image's)."""
+        reach = max([f * (self.config.ctx_radius + 1) for f in self.config.context]
+                    + [self.config.radius + self.config.band_radius + SMOOTH + 1])
+        return max(32, -(-reach // 16) * 16)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -165,8 +173,10 @@ class FeatureSource:
     backing: torch.Tensor     # (1, 3, H, W)
     prior_fg: torch.Tensor    # (1, 3, H, W)
     alpha: torch.Tensor       # (1, 1, H, W) classical
-    sig1_low: torch.Tensor    # (1, 1, h, w)
+    sig1_low: torch.Tensor    # (1, 1, gh, gw) on the whole image's grid
     noise_std: torch.Tensor   # (3,)
+    row0: int = 0             # the maps are rows row0.. of an image of image_size (a band of its rows)
+    image_size: tuple[int, int] | None = None
     _coarse: dict = field(init=False, default_factory=dict)
 
     def coarse(self, f: int) -> torch.Tensor:
@@ -188,7 +198,8 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
     b = src.backing[:, :, rows]
     fine = [src.image[:, :, rows] - b, src.prior_fg[:, :, rows] - b, src.alpha[:, :, rows]]
     g = _neighbourhoods(fine, ys - y0, xs, r)
-    gy = (ys.float() + 0.5) / H * 2 - 1
+    H_img = src.image_size[0] if src.image_size is not None else H
+    gy = (ys.float() + src.row0 + 0.5) / H_img * 2 - 1
     gx = (xs.float() + 0.5) / W * 2 - 1
     grid = torch.stack([gx, gy], -1).view(1, 1, n, 2)
     sig = F.grid_sample(src.sig1_low, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -225,6 +236,14 @@ def refine_alpha(model: Refiner, src: FeatureSource, smooth: int = SMOOTH) -> tu
             den = F.avg_pool2d(bw, 2 * k + 1, 1, k, count_include_pad=False)
             delta[win] = num / den.clamp_min(1e-6) * bw
     return (src.alpha + delta).clamp_(0, 1), band
+
+
+def refine_fields(model: Refiner, x: torch.Tensor, kf) -> torch.Tensor:
+    """GreenPost's refine hook: refined alpha (1, 1, h, W) for the image rows x (1, 3, h, W) and their
+    classical fields (models/greenpost.KeyFields, possibly a band of rows of a larger image)."""
+    src = FeatureSource(image=x, backing=kf.backing, prior_fg=kf.prior_fg, alpha=kf.alpha, sig1_low=kf.sig1_low,
+                        noise_std=kf.noise_std, row0=kf.row0, image_size=kf.image_size)
+    return refine_alpha(model, src)[0]
 
 
 def _bbox(mask: torch.Tensor, pad: int) -> tuple[int, int, int, int]:
