@@ -40,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=int, default=2000, help="composites in the training pool")
+    p.add_argument("--images", type=int, default=1200, help="composites in the training pool")
     p.add_argument("--val-images", type=int, default=40, help="held-out composites (other seeds) for the report")
-    p.add_argument("--size-min", type=int, default=160, help="smallest composite side in pixels")
-    p.add_argument("--size-max", type=int, default=384, help="largest composite side in pixels")
-    p.add_argument("--pixels-per-image", type=int, default=700, help="band pixels sampled from each composite")
-    p.add_argument("--steps", type=int, default=20000, help="optimiser steps")
+    p.add_argument("--size-min", type=int, default=128, help="smallest composite side in pixels")
+    p.add_argument("--size-max", type=int, default=320, help="largest composite side in pixels")
+    p.add_argument("--pixels-per-image", type=int, default=900, help="band pixels sampled from each composite")
+    p.add_argument("--steps", type=int, default=12000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=2048, help="pixels per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 5%% of it)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
