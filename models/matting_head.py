@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .model_files import PICKLE_SUFFIXES
 
 KIND = "matting_head"
 FORMAT_VERSION = 1
@@ -39,7 +40,6 @@ VAE_FAMILIES = {
     "sd1": "SD1.x/SD2 KL-f8 VAE",
     "sdxl": "SDXL KL-f8 VAE",
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 # Largest sizes a head file may claim (SD1.x/SDXL decoders have 128-512 channels; a head is small). A
 # file claiming more is refused before anything is allocated.
 MAX_SIZES = {"fine_channels": 2048, "coarse_channels": 2048, "coarse_dim": 256, "hidden": 512,

@@ -13,11 +13,11 @@ import torch
 from comfy_api.latest import io
 
 from ..models.matting_decode import count_tiles, decode_rgba, tiled_apply
-from ..models.matting_head import HeadTaps, LoadedHead, VAE_FAMILIES, load_head, PICKLE_SUFFIXES
+from ..models.matting_head import HeadTaps, LoadedHead, VAE_FAMILIES, load_head
+from ._files import MODEL_FOLDER, model_files, resolve_model_file
 from ._schema import CATEGORY, enum_options, schema
 
 FAMILY = f"{CATEGORY}/matting"
-MODEL_FOLDER = "diffumatting"
 MattingHeadType = io.Custom("DIFFUMATTING_HEAD")
 
 ALPHA_TIP = "Opacity, 1 = opaque object, 0 = background (this pack's `alpha` convention)."
@@ -38,54 +38,14 @@ class Tiling(str, Enum):
 
 
 # --- head files --------------------------------------------------------------------------------------
-def _head_roots() -> list[str]:
-    import folder_paths
-
-    try:
-        return list(folder_paths.get_folder_paths(MODEL_FOLDER))
-    except KeyError:
-        from . import register_model_folder
-
-        register_model_folder()
-        return list(folder_paths.get_folder_paths(MODEL_FOLDER))
-
-
 def head_files() -> list[str]:
     """The .safetensors files in the diffumatting model folder(s), as relative names."""
-    names = set()
-    for root in _head_roots():
-        if not os.path.isdir(root):
-            continue
-        for dirpath, _, files in os.walk(root, followlinks=True):
-            for f in files:
-                if f.lower().endswith(".safetensors"):
-                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(names)
+    return model_files(MODEL_FOLDER)
 
 
 def resolve_head_path(name: str) -> str:
     """Full path of head file `name` inside the diffumatting folder; refuses names that leave it."""
-    name = str(name or "").strip()
-    if not name:
-        raise ValueError("no matting head file chosen; put a .safetensors head in models/diffumatting and pick it")
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{name!r} is a pickle file, which can run code when loaded and is refused; matting heads "
-                         f"load from .safetensors only")
-    if not name.lower().endswith(".safetensors"):
-        raise ValueError(f"{name!r} is not a .safetensors file; matting heads are .safetensors files in "
-                         f"models/diffumatting")
-    parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]:
-        raise ValueError(f"head name {name!r} points outside models/diffumatting; pick a file from the list")
-    roots = _head_roots()
-    for root in roots:
-        real_root = os.path.realpath(root)
-        candidate = os.path.realpath(os.path.join(real_root, *parts))
-        if os.path.commonpath([real_root, candidate]) != real_root:
-            raise ValueError(f"head name {name!r} points outside models/diffumatting; pick a file from the list")
-        if os.path.isfile(candidate):
-            return candidate
-    raise ValueError(f"matting head {name!r} not found in {roots}; available: {head_files()[:20]}")
+    return resolve_model_file(name, (MODEL_FOLDER,), "matting head")
 
 
 class HeadLoader(io.ComfyNode):
