@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import _package  # this script's folder is on sys.path (Python puts it there), see _package.py
+
+_package.register()
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -46,8 +47,8 @@ def _positive(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.greenpost import OPTION_DOCS
-    from models.image_file import BYTES_PER_PIXEL
+    from diffumatting.models.greenpost import OPTION_DOCS
+    from diffumatting.models.image_file import BYTES_PER_PIXEL
 
     p = argparse.ArgumentParser(prog="greenpost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-    from models.alpha import parse_hex_color
-    from models.greenpost import GreenPostOptions
+    from diffumatting.models.alpha import parse_hex_color
+    from diffumatting.models.greenpost import GreenPostOptions
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -156,9 +157,9 @@ def key_file(path: Path, out_dir: Path, options, max_pixels: int | None = None) 
     import torch
     from PIL import Image
 
-    from models.atomic import atomic_path
-    from models.greenpost import greenpost
-    from models.image_file import read_image
+    from diffumatting.models.atomic import atomic_path
+    from diffumatting.models.greenpost import greenpost
+    from diffumatting.models.image_file import read_image
 
     arr = read_image(path, max_pixels=max_pixels)
     fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch
 
-    from models.image_file import default_max_pixels
+    from diffumatting.models.image_file import default_max_pixels
 
     if args.threads:
         torch.set_num_threads(args.threads)

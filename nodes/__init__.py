@@ -4,18 +4,15 @@ One module per family; each exports NODES, the list of its node classes.
 """
 from __future__ import annotations
 
-# Only ComfyExtension is imported from comfy_api here: `io` is the name of this package's io module.
 from comfy_api.latest import ComfyExtension
 
-from . import io as io_nodes
-from . import generate, lora, matting
-from . import refine
+from . import export, generate, lora, matting, refine
 from ._files import MODEL_FOLDER, register_model_folder  # noqa: F401  (comfy_entrypoint, older imports)
 
 
 class DiffuMattingExtension(ComfyExtension):
     async def get_node_list(self) -> list:
-        return [*io_nodes.NODES, *refine.NODES, *matting.NODES, *generate.NODES, *lora.NODES]
+        return [*export.NODES, *refine.NODES, *matting.NODES, *generate.NODES, *lora.NODES]
 
 
 async def comfy_entrypoint() -> DiffuMattingExtension:
