@@ -19,9 +19,17 @@ _TEMP_RE = re.compile(r"^\..+\.~(\d+)\.[0-9a-f]{12}(\.[A-Za-z0-9]{1,16})?$")
 STALE_AFTER_S = 24 * 3600  # a temporary this old is stale even if its pid runs again (pid reuse)
 
 
+NAME_MAX = 255  # bytes in a file name on common file systems
+
+
 def temp_name(target_name: str, pid: int, suffix: str = ".tmp") -> str:
-    """The hidden temporary's name for `target_name`, written by process `pid`."""
-    return f".{target_name}.~{int(pid)}.{secrets.token_hex(6)}{suffix}"
+    """The hidden temporary's name for `target_name`, written by process `pid` (the target's name is cut
+    short when needed, so the temporary's name fits wherever the target's fits)."""
+    tail = f".~{int(pid)}.{secrets.token_hex(6)}{suffix}"
+    base = target_name
+    while base and len(f".{base}{tail}".encode("utf-8", "surrogatepass")) > NAME_MAX:
+        base = base[:-1]
+    return f".{base}{tail}"
 
 
 def _pid_running(pid: int) -> bool:

@@ -118,7 +118,7 @@ class UNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, unet_name=None, strength=None, **_):
+    def validate_inputs(cls, unet_name=None):  # only what it checks: core checks the rest
         if unet_name is not None:
             try:
                 resolve_model_file(unet_name, UNET_FOLDERS, "UNet")
@@ -272,7 +272,7 @@ class GreenCanvas(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, key_color=None, **_):
+    def validate_inputs(cls, key_color=None):  # only what it checks: core checks the rest
         if key_color is not None:
             try:
                 green_canvas.hex_to_rgb(key_color)

@@ -75,7 +75,7 @@ class HeadLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, head_name=None, **_):
+    def validate_inputs(cls, head_name=None):  # only what it checks: core checks the rest
         if head_name is not None:
             try:
                 resolve_head_path(head_name)

@@ -76,15 +76,15 @@ class GreenPost(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, key_mode=None, key_color=None, clip_black=None, clip_white=None, **_):
-        if key_mode is not None and key_color is not None and str(key_mode) == KeyMode.PICKED.value:
+    def validate_inputs(cls, key_color=None):
+        """key_color's syntax, at queue time. Naming only key_color keeps ComfyUI's own range and option
+        checks on the other inputs and gives one message; a grey picked key and clip_black >= clip_white
+        are refused when the node runs (GreenPostOptions), since they involve two inputs."""
+        if key_color is not None:
             try:
-                GreenPostOptions(key_color=parse_hex_color(key_color))
+                parse_hex_color(key_color)
             except ValueError as e:
-                return str(e)
-        if clip_black is not None and clip_white is not None and float(clip_black) >= float(clip_white):
-            return (f"clip_black={clip_black} must be below clip_white={clip_white}; lower clip_black or raise "
-                    f"clip_white")
+                return f"{e} (key_color is used when key_mode is 'picked')"
         return True
 
     @classmethod
