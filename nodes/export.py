@@ -17,7 +17,7 @@ from comfy_api.latest import io, ui
 from ..models.alpha import checkerboard, join_alpha, over, parse_hex_color, split_alpha, trim_to_alpha
 from ..models.atomic import write_all_atomic
 from ..models.png import encode_png
-from ._schema import CATEGORY, enum_options, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/io"
 
@@ -193,7 +193,7 @@ class SaveRGBA(io.ComfyNode):
         output_dir = folder_paths.get_output_directory()
         prefix = _resolve_output_path(filename_prefix, output_dir)
         rgba = join_alpha(image.float().cpu(), alpha, transparency_mask)
-        bits = int(BitDepth(str(bit_depth)).value)
+        bits = int(enum_value(BitDepth, bit_depth, "bit_depth").value)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             prefix, output_dir, rgba.shape[2], rgba.shape[1])
         counter = free_counter(folder, name, counter, rgba.shape[0])
@@ -254,7 +254,7 @@ class PreviewRGBA(io.ComfyNode):
     def execute(cls, image, backdrop="checkerboard", color="#202020", cell=16, alpha=None,
                 transparency_mask=None) -> io.NodeOutput:
         rgba = join_alpha(image.float(), alpha, transparency_mask)
-        mode = Backdrop(str(backdrop))
+        mode = enum_value(Backdrop, backdrop, "backdrop")
         if mode is Backdrop.TRANSPARENT:
             out = rgba
         elif mode is Backdrop.COLOR:

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..models.matting_decode import count_tiles, decode_rgba, tiled_apply
 from ..models.matting_head import HeadTaps, LoadedHead, VAE_FAMILIES, load_head
 from ._files import MODEL_FOLDER, model_files, resolve_model_file
-from ._schema import CATEGORY, enum_options, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/matting"
 MattingHeadType = io.Custom("DIFFUMATTING_HEAD")
@@ -85,7 +85,7 @@ class HeadLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, head_name, vae_family=FamilyCheck.FROM_FILE.value) -> io.NodeOutput:
-        check = FamilyCheck(str(vae_family))
+        check = enum_value(FamilyCheck, vae_family, "vae_family")
         expected = None if check is FamilyCheck.FROM_FILE else check.value
         return io.NodeOutput(load_head(resolve_head_path(head_name), expected_family=expected))
 
@@ -307,7 +307,7 @@ class MattingVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, head=None, refine_with_greenpost=True, tiling=Tiling.AUTO.value,
                 tile_size=512, tile_overlap=64) -> io.NodeOutput:
         latent = samples["samples"] if isinstance(samples, dict) else samples
-        mode = Tiling(str(tiling))
+        mode = enum_value(Tiling, tiling, "tiling")
         if head is not None:
             if not isinstance(head, LoadedHead):
                 raise ValueError(f"head must come from Load Matting Head, got {type(head).__name__}")

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..models.alpha import parse_hex_color
 from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, greenpost
-from ._schema import CATEGORY, enum_options, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/refine"
 
@@ -21,7 +21,7 @@ TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that co
 
 
 def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white) -> GreenPostOptions:
-    mode = KeyMode(str(key_mode))
+    mode = enum_value(KeyMode, key_mode, "key_mode")
     key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
     return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
                             clip_black=float(clip_black), clip_white=float(clip_white))
