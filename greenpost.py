@@ -162,7 +162,10 @@ def key_file(path: Path, out_dir: Path, options, max_pixels: int | None = None) 
     from diffumatting.models.image_file import read_image
 
     arr = read_image(path, max_pixels=max_pixels)
-    fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options)
+    warnings = []
+    fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options, warnings=warnings)
+    for msg in warnings:
+        sys.stderr.write(f"\nwarning: {path.name}: {msg}\n")
     rgba = torch.cat([fg[0], alpha[0, ..., None]], -1).clamp(0, 1).numpy()
     out = out_dir / f"{path.stem}.png"
     with atomic_path(out, suffix=".png") as tmp:
