@@ -1,0 +1,175 @@
+"""Dataset factory on real ComfyUI servers (tiny test model, built now; CPU):
+
+1. Scheduler overhead per sample: the same adapted workflow (workflows/generate_green_canvas.json, the
+   dataset's two 16-bit saves) on ONE server, (a) queued by hand through the API (POST /prompt, wait for
+   the websocket's end message, GET /history, GET /view of both files; one sample at a time) and (b)
+   through factory.scheduler.Scheduler with depth 1 (also one at a time) and a no-op commit. Rounds
+   alternate (a) and (b), `--per-round` samples each, different seeds every time (nothing cached);
+   overhead = median over rounds of (mean per-sample wall of b - of a). Also shown: depth 2 (the
+   default: the next prompt waits in ComfyUI's queue while results are fetched) and the whole dataset
+   run (scoring, annotation, PNG writing, manifest) per sample.
+2. Two servers, one killed (SIGKILL) after its first finished sample: the run must complete with every
+   id exactly once in the manifest.
+
+Last line: `overhead_ms=X kill_run=ok|FAILED`. Target: X <= 20.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import aiohttp  # noqa: E402
+import conftest  # noqa: E402,F401  registers the pack as the package `diffumatting`
+
+from comfy_client import ComfyServer, ui_to_api  # noqa: E402
+from diffumatting.factory.jobs import make_jobs  # noqa: E402
+from diffumatting.factory.run import RunConfig, run_dataset  # noqa: E402
+from diffumatting.factory.scheduler import Scheduler, Server, fetch_object_info  # noqa: E402
+from diffumatting.factory.workflow import job_prompt, plan_workflow  # noqa: E402
+
+WORKFLOW = ROOT / "workflows" / "generate_green_canvas.json"
+
+
+async def hand_run(url: str, prompts: list[dict], roles: dict) -> float:
+    """Queue each prompt by hand, wait for it on the websocket, fetch its files; wall seconds."""
+    cid = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"{url}/ws?clientId={cid}")
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            async with s.post(url + "/prompt", json={"prompt": prompt, "client_id": cid}) as r:
+                pid = (await r.json())["prompt_id"]
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    d = json.loads(msg.data)
+                    if d["type"] == "executing" and d["data"].get("node") is None \
+                            and d["data"].get("prompt_id") == pid:
+                        break
+            async with s.get(f"{url}/history/{pid}") as r:
+                entry = (await r.json())[pid]
+            for nid in roles.values():
+                item = entry["outputs"][nid]["images"][0]
+                async with s.get(url + "/view", params={"filename": item["filename"], "subfolder": item["subfolder"],
+                                                        "type": item["type"]}) as r:
+                    await r.read()
+        wall = time.perf_counter() - t0
+        await ws.close()
+    return wall
+
+
+def sched_run(server: Server, plan, jobs, depth: int) -> float:
+    async def commit(result):
+        return None
+
+    def build(job):
+        return job_prompt(plan, job.prompt, job.seed, f"bench/{job.id}"), dict(plan.save_nodes)
+
+    sched = Scheduler([server], build, commit, depth=depth)
+    t0 = time.perf_counter()
+    asyncio.run(sched.run(jobs))
+    wall = time.perf_counter() - t0
+    assert len(sched.committed) == len(jobs), "scheduler lost samples"
+    return wall
+
+
+def overhead(url: str, rounds: int, per_round: int, out: Path) -> dict:
+    workflow = json.loads(WORKFLOW.read_text())
+    info = asyncio.run(fetch_object_info(Server(url)))
+    plan = plan_workflow(ui_to_api(workflow, info), info)
+    server = Server(url, name="bench")
+    seed = iter(range(10_000, 10_000_000))
+    def fresh_jobs(n):
+        return make_jobs(["a glass bottle"], seeds=[next(seed) for _ in range(n)])
+    # warm-up: model loading
+    asyncio.run(hand_run(url, [job_prompt(plan, j.prompt, j.seed, f"bench/{j.id}") for j in fresh_jobs(2)],
+                         plan.save_nodes))
+    hand, depth1, depth2, full = [], [], [], []
+    for r in range(rounds):
+        jobs = fresh_jobs(per_round)
+        hand.append(asyncio.run(hand_run(url, [job_prompt(plan, j.prompt, j.seed, f"bench/{j.id}") for j in jobs],
+                                         plan.save_nodes)) / per_round)
+        depth1.append(sched_run(server, plan, fresh_jobs(per_round), 1) / per_round)
+        depth2.append(sched_run(server, plan, fresh_jobs(per_round), 2) / per_round)
+        cfg = RunConfig(out / f"full{r}", workflow, fresh_jobs(per_round), [Server(url, name="bench")],
+                        depth=1, progress=False)
+        t0 = time.perf_counter()
+        run_dataset(cfg, log=lambda m: None, install_sigint=False)
+        full.append((time.perf_counter() - t0) / per_round)
+        print(f"round {r}: hand {hand[-1]*1e3:.1f} ms/sample, scheduler depth1 {depth1[-1]*1e3:.1f}, depth2 "
+              f"{depth2[-1]*1e3:.1f}, full dataset run {full[-1]*1e3:.1f}", flush=True)
+    d1 = [b - a for a, b in zip(hand, depth1)]
+    return {"hand_ms": statistics.median(hand) * 1e3, "depth1_ms": statistics.median(depth1) * 1e3,
+            "depth2_ms": statistics.median(depth2) * 1e3, "full_ms": statistics.median(full) * 1e3,
+            "overhead_ms": statistics.median(d1) * 1e3,
+            "overhead_depth2_ms": statistics.median([b - a for a, b in zip(hand, depth2)]) * 1e3,
+            "overhead_full_ms": statistics.median([b - a for a, b in zip(hand, full)]) * 1e3}
+
+
+def kill_run(a: ComfyServer, b: ComfyServer, out: Path, n: int) -> bool:
+    workflow = json.loads(WORKFLOW.read_text())
+    jobs = make_jobs(["a wire basket", "a glass"], n // 2, base_seed=7)
+    servers = [Server(a.url, name="A"), Server(b.url, name="B")]
+    cfg = RunConfig(out / "kill", workflow, jobs, servers, progress=False)
+
+    def killer():
+        while servers[1].done < 1:
+            time.sleep(0.05)
+        os.killpg(b.proc.pid, signal.SIGKILL)
+        print(f"killed server B after {servers[1].done} sample(s)", flush=True)
+
+    threading.Thread(target=killer, daemon=True).start()
+    summary = run_dataset(cfg, log=lambda m: print("  ", m), install_sigint=False)
+    lines = [json.loads(x) for x in (out / "kill" / "manifest.jsonl").read_text().splitlines()]
+    ids = [x["id"] for x in lines]
+    ok = sorted(ids) == sorted(j.id for j in jobs) and len(set(ids)) == len(ids)
+    print(f"kill run: {len(ids)} manifest lines for {len(jobs)} ids, unique {len(set(ids)) == len(ids)}, "
+          f"servers {summary['servers']}")
+    return ok
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    p.add_argument("--per-round", type=int, default=4, help="samples per round and path (default 4)")
+    p.add_argument("--kill-samples", type=int, default=8, help="samples in the kill run (default 8)")
+    a = p.parse_args(argv)
+    from diffumatting.factory.demo import tiny_base
+
+    with tempfile.TemporaryDirectory(prefix="bench_dataset_") as tmp:
+        tmp = Path(tmp)
+        base = tiny_base(tmp / "base")
+        for sub in ("out_b", "temp_b", "user_b"):
+            (tmp / sub).mkdir()
+        servers = [ComfyServer(base), ComfyServer(base, extra_args=(
+            "--output-directory", str(tmp / "out_b"), "--temp-directory", str(tmp / "temp_b"),
+            "--user-directory", str(tmp / "user_b")))]
+        threads = [threading.Thread(target=s.start) for s in servers]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        try:
+            res = overhead(servers[0].url, a.rounds, a.per_round, tmp)
+            print(json.dumps({k: round(v, 2) for k, v in res.items()}, indent=1))
+            ok = kill_run(servers[0], servers[1], tmp, a.kill_samples)
+        finally:
+            for s in servers:
+                s.stop()
+    print(f"overhead_ms={res['overhead_ms']:.1f} kill_run={'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
