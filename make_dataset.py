@@ -22,24 +22,13 @@ import json
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-PACKAGE = "diffumatting"
+import _package  # this script's folder is on sys.path (Python puts it there), see _package.py
+
+_package.register()
+ROOT = _package.ROOT
 sys.path.insert(0, str(ROOT / "scripts"))  # comfy_client
-
-
-def register_package() -> None:
-    """Import the pack's modules as the package `diffumatting` without running its ComfyUI __init__."""
-    if PACKAGE not in sys.modules:
-        pkg = types.ModuleType(PACKAGE)
-        pkg.__path__ = [str(ROOT)]
-        pkg.__file__ = str(ROOT / "__init__.py")
-        sys.modules[PACKAGE] = pkg
-
-
-register_package()
 
 DEFAULT_WORKFLOW = ROOT / "workflows" / "generate_transparent.json"
 THRESHOLD_HELP = {

@@ -13,7 +13,6 @@ def tiny_base(base: Path) -> Path:
     from comfy_client import prepare_base_dir
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  registers the pack as the package `diffumatting`, as in the tests
     from fixtures_host import populate_server_models  # the same files the server tests use
 
     prepare_base_dir(base)

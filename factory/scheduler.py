@@ -307,7 +307,7 @@ class Scheduler:
         t_submit = time.monotonic()
         try:
             t_done = await asyncio.wait_for(conn.waiting[pid], self.job_timeout)
-            files = await self._fetch(session, server, pid, roles)
+            files, server_exec = await self._fetch(session, server, pid, roles)
         except asyncio.TimeoutError:
             conn.kill(ServerDied(f"sample {job.id} took longer than {self.job_timeout:.0f}s"))
             return
@@ -332,7 +332,9 @@ class Scheduler:
         conn.in_flight.pop(pid, None)
         result = Result(job, server, files, {"queued_s": round(t_start - t_submit, 4),
                                              "exec_s": round(t_done - t_start, 4),
-                                             "fetch_s": round(t_fetched - t_done, 4)})
+                                             "fetch_s": round(t_fetched - t_done, 4),
+                                             "total_s": round(t_fetched - t_submit, 4),
+                                             "server_exec_s": server_exec})
         task = asyncio.create_task(self._commit_once(result))
         self._commit_tasks.add(task)
         task.add_done_callback(self._commit_tasks.discard)
@@ -361,7 +363,8 @@ class Scheduler:
             self.log(f"sample {job.id} failed: {message}")
         self._wake.set()
 
-    async def _fetch(self, session, server: Server, pid: str, roles: dict) -> dict[str, bytes]:
+    async def _fetch(self, session, server: Server, pid: str, roles: dict) -> tuple[dict[str, bytes], float | None]:
+        """The saved files' bytes, and the server's own execution time (its history timestamps)."""
         try:
             async with session.get(f"{server.url}/history/{pid}") as r:
                 entry = (await r.json()).get(pid) or {}
@@ -377,7 +380,7 @@ class Scheduler:
                     if r.status != 200:
                         raise JobFailed(f"GET /view {item['filename']} answered HTTP {r.status}")
                     files[role] = await r.read()
-            return files
+            return files, server_exec_seconds(entry)
         except (aiohttp.ClientError, OSError) as e:
             raise ServerDied(f"fetching outputs failed: {e}") from None
 
@@ -418,6 +421,14 @@ async def _race(aw, dead: asyncio.Future):
         task.cancel()
         dead.result()
     return task.result()
+
+
+def server_exec_seconds(entry: dict) -> float | None:
+    """execution_start -> execution_success as the server stamped them in the history entry (ms)."""
+    stamps = {kind: data.get("timestamp") for kind, data in entry.get("status", {}).get("messages", [])
+              if isinstance(data, dict)}
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    return None if start is None or end is None else (end - start) / 1000.0
 
 
 def _short_error(text: str) -> str:

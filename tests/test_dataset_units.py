@@ -1,7 +1,6 @@
 """Dataset factory without servers: annotation, scores, formats, ids, prompts, workflow planning, output folder."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
@@ -191,8 +190,7 @@ def test_output_folder_resume_cuts_partial_line_and_temporaries(tmp_path):
 
 def _cli(args, capsys) -> tuple[int, str]:
     """make_dataset.py's main in this process (argparse errors exit 2)."""
-    sys.path.insert(0, str(ROOT))
-    import make_dataset
+    import make_dataset  # the root is on sys.path (conftest appends it)
 
     try:
         code = make_dataset.main(args)
