@@ -183,9 +183,7 @@ class Run:
                 "workflow_sha256": self.workflow_sha, "settings": self.settings, "server": result.server.name,
                 "timings": {**result.timings, "post_s": round(post_s, 4)}, **sample.extra,
             }
-            t1 = time.monotonic()
             await loop.run_in_executor(self.writer, self.folder.commit, record, sample.files)
-            record["timings"]["write_s"] = round(time.monotonic() - t1, 4)
             if not rejected:
                 self.hashes[job.id] = int(scores["phash"], 16)
         self.progress.update(not rejected)

@@ -21,7 +21,7 @@ SAVE_NODE = "DiffuMattingSaveRGBA"
 GREENPOST_NODE = "DiffuMattingGreenPost"
 DECODE_NODE = "DiffuMattingVAEDecode"
 SEED_INPUTS = ("seed", "noise_seed")
-TEXT_INPUTS = ("text", "text_g", "text_l")
+TEXT_INPUTS = ("text", "text_g", "text_l", "clip_l", "t5xxl")  # CLIP Text Encode, SDXL, Flux
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
@@ -132,18 +132,21 @@ def plan_workflow(api_prompt: dict, object_info: dict) -> Plan:
     if unknown:
         raise WorkflowPlanError(f"the server does not know the node types {unknown}; install their custom nodes")
     seeds = [(nid, k) for nid, n in prompt.items() for k in SEED_INPUTS if isinstance(n["inputs"].get(k), int)]
-    samplers = [nid for nid, n in prompt.items() if _is_link(n["inputs"].get("positive"))]
+    # KSampler-style nodes take `positive`; Flux-style guiders (BasicGuider) take `conditioning`.
+    samplers = [(nid, "positive") for nid, n in prompt.items() if _is_link(n["inputs"].get("positive"))]
+    samplers += [(nid, "conditioning") for nid, n in prompt.items()
+                 if "Guider" in n["class_type"] and _is_link(n["inputs"].get("conditioning"))]
     if not seeds or not samplers:
         raise WorkflowPlanError("the workflow has no sampler with a seed and a positive prompt (e.g. KSampler); "
                                 "the dataset sets a prompt and a seed per sample, so it needs a generation workflow")
     texts = []
-    for nid in samplers:
-        for t in _positive_texts(prompt, prompt[nid]["inputs"]["positive"][0]):
+    for nid, socket in samplers:
+        for t in _positive_texts(prompt, prompt[nid]["inputs"][socket][0]):
             if t not in texts:
                 texts.append(t)
     if not texts:
-        raise WorkflowPlanError("no text input (text, text_g, text_l) found upstream of the sampler's positive "
-                                "conditioning; use a prompt node such as CLIP Text Encode or Green Prompt")
+        raise WorkflowPlanError(f"no text input ({', '.join(TEXT_INPUTS)}) found upstream of the sampler's "
+                                f"positive conditioning; use a prompt node such as CLIP Text Encode or Green Prompt")
     used: set = set()
     notes: list = []
     key, green, head = _keying(prompt, used, notes)
