@@ -11,8 +11,9 @@ comfy/utils.py (tiled_scale, get_tiled_scale_steps, ProgressBar, set_progress_ba
 load_torch_file, unet_to_diffusers), comfy/model_management.py (throw_exception_if_processing_interrupted,
 interrupt_current_processing, InterruptProcessingException; dtype_size, intermediate_device, load_models_gpu
 as comfy/sd.py calls them), folder_paths.py (every name listed) and comfy_api/latest/_io.py (Schema and its
-search_aliases field). The other names (model_patcher, model_base, ops, clip_model, ldm classes, the other
-io/ui classes) are tested on 0.3.75 only.
+search_aliases field), comfy_api/latest/_ui.py (PreviewImage, PreviewText, SavedImages, SavedResult). The
+other names (model_patcher, model_base, ops, clip_model, ldm classes, the other io classes) are tested on
+0.3.75 only.
 
 CORE_SYMBOLS maps a module to dotted names inside it (classes' methods included). VAE_INSTANCE_ATTRIBUTES
 are set in comfy.sd.VAE.__init__ and can only be checked on a VAE object.
@@ -30,7 +31,7 @@ CORE_SYMBOLS: dict[str, tuple[str, ...]] = {
         "io.Image.Input", "io.Image.Output", "io.Mask.Input", "io.Mask.Output", "io.Latent.Input",
         "io.Latent.Output", "io.Vae.Input", "io.Model.Input", "io.Model.Output", "io.Clip.Input",
         "io.Clip.Output", "io.Conditioning.Input", "io.Conditioning.Output",
-        "ui.PreviewImage", "ui.SavedImages", "ui.SavedResult",
+        "ui.PreviewImage", "ui.PreviewText", "ui.SavedImages", "ui.SavedResult",
     ),
     "folder_paths": (
         "add_model_folder_path", "get_folder_paths", "get_full_path", "get_filename_list",
