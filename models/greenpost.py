@@ -60,8 +60,8 @@ OPTION_DOCS = {
     "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
     "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
     "refiner": "Learned refinement of the uncertain edge band (hair, fur, noise speckles): 'greenpost_refiner' "
-               "runs the small network shipped with the pack on the pixels the classical key is unsure of; "
-               "'off' keeps the classical key only (faster).",
+               "runs the small network shipped with the pack on the pixels the classical key is unsure of "
+               "(experimental: it does not beat the classical key yet); 'off' (default) keeps the classical key.",
 }
 
 
@@ -74,7 +74,7 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
-    refiner: str = RefinerChoice.SHIPPED.value
+    refiner: str = RefinerChoice.OFF.value  # the shipped refiner does not beat the classical key yet
 
     def __post_init__(self):
         choices = [c.value for c in RefinerChoice]

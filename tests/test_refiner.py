@@ -141,7 +141,7 @@ def test_refiner_changes_only_the_uncertain_band():
     comp = make_composite(96, 128, 4, REALISTIC)
     img = torch.from_numpy(comp.image)[None]
     fg_off, a_off = greenpost(img, options=GreenPostOptions(refiner="off"))
-    fg_on, a_on = greenpost(img)  # default: the shipped refiner
+    fg_on, a_on = greenpost(img, options=GreenPostOptions(refiner="greenpost_refiner"))
     # the band is where the classical alpha (the refiner-off output, matte levels at their defaults) is
     # strictly between 0 and 1, dilated
     band = R.band_mask(a_off[None], R.load_refiner().config.band_radius)[0, 0]
@@ -227,39 +227,47 @@ def test_training_help_documents_every_flag():
 
 # --- defaults: options, node, CLI, matting decode ------------------------------------------------------------
 
-def test_options_default_to_the_shipped_refiner():
-    assert GreenPostOptions().refiner == RefinerChoice.SHIPPED.value
-    assert GreenPostOptions(refiner=RefinerChoice.OFF).refiner == "off"
+# The shipped refiner does not beat the classical key on the benchmark yet, so every entry point defaults to
+# 'off' (the classical key) and offers 'greenpost_refiner'; these tests pin that one default everywhere.
+DEFAULT = RefinerChoice.OFF.value
+
+
+def test_options_refiner_default_and_choices():
+    assert GreenPostOptions().refiner == DEFAULT
+    assert GreenPostOptions(refiner=RefinerChoice.SHIPPED).refiner == "greenpost_refiner"
     with pytest.raises(ValueError, match="refiner='best': expected one of"):
         GreenPostOptions(refiner="best")
 
 
-def test_cli_defaults_to_the_refiner():
+def test_cli_refiner_default_and_choices():
     p = _script("greenpost").build_parser()
-    assert p.parse_args(["in", "out"]).refiner == RefinerChoice.SHIPPED.value
-    assert p.parse_args(["in", "out", "--refiner", "off"]).refiner == "off"
+    assert p.parse_args(["in", "out"]).refiner == DEFAULT
+    assert p.parse_args(["in", "out", "--refiner", "greenpost_refiner"]).refiner == "greenpost_refiner"
     with pytest.raises(SystemExit):
         p.parse_args(["in", "out", "--refiner", "best"])
 
 
-def test_node_defaults_to_the_refiner(comfy_host):
+def test_node_refiner_default_and_choices(comfy_host):
     from diffumatting.nodes import refine
 
     schema = refine.GreenPost.define_schema()
     inp = next(i for i in schema.inputs if i.id == "refiner")
-    assert inp.default == RefinerChoice.SHIPPED.value and inp.options == ["greenpost_refiner", "off"]
+    assert inp.default == DEFAULT and inp.options == ["greenpost_refiner", "off"]
     assert inp.tooltip
     comp = make_composite(48, 64, 2, REALISTIC)
     image = torch.from_numpy(comp.image)[None]
-    _, a_node, _, _ = refine.GreenPost.execute(image).result
-    _, a_on = greenpost(image)
+    _, a_on = greenpost(image, options=GreenPostOptions(refiner="greenpost_refiner"))
     _, a_off = greenpost(image, options=GreenPostOptions(refiner="off"))
-    assert torch.equal(a_node, a_on) and not torch.equal(a_node, a_off)
-    _, a_node_off, _, _ = refine.GreenPost.execute(image, refiner="off").result
-    assert torch.equal(a_node_off, a_off)
+    assert not torch.equal(a_on, a_off)
+    _, a_node, _, _ = refine.GreenPost.execute(image).result
+    assert torch.equal(a_node, a_off)
+    _, a_node_on, _, _ = refine.GreenPost.execute(image, refiner="greenpost_refiner").result
+    assert torch.equal(a_node_on, a_on)
+    with pytest.raises(ValueError, match="refiner='best' is not one of"):
+        refine.GreenPost.execute(image, refiner="best")
 
 
-def test_matting_decode_refinement_uses_the_refiner(comfy_host, monkeypatch):
+def test_matting_decode_refinement_uses_the_default(comfy_host, monkeypatch):
     from diffumatting.nodes import matting
 
     seen = []
@@ -272,9 +280,9 @@ def test_matting_decode_refinement_uses_the_refiner(comfy_host, monkeypatch):
     monkeypatch.setattr(R, "refine_alpha", spy)
     comp = make_composite(40, 48, 3, REALISTIC)
     fg, alpha = matting._greenpost(torch.from_numpy(comp.image)[None], None)
-    assert len(seen) == 1 and alpha.shape == (1, 40, 48)
-    _, a_off = greenpost(torch.from_numpy(comp.image)[None], options=GreenPostOptions(refiner="off"))
-    assert not torch.equal(alpha, a_off)
+    assert len(seen) == (0 if DEFAULT == "off" else 1) and alpha.shape == (1, 40, 48)
+    _, a_default = greenpost(torch.from_numpy(comp.image)[None], options=GreenPostOptions(refiner=DEFAULT))
+    assert torch.equal(alpha, a_default)
 
 
 def test_refiner_in_row_bands_equals_the_whole_image(monkeypatch):
