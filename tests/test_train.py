@@ -140,10 +140,63 @@ def test_resume_equals_uninterrupted(straight_run, tiny_ckpt, cache_dir, tmp_pat
     assert (out / "samples" / "unet-0000005.png").is_file() and (out / "samples" / "head-0000004.png").is_file()
 
 
-def test_resume_refuses_changed_data(straight_run, tiny_ckpt, cache_dir):
-    proc = run_train(small_args(tiny_ckpt, cache_dir, straight_run, "--mode", "lora", "--unet-steps", "5",
-                                "--set", "data.resolution=128", "--resume"))
-    assert proc.returncode == 2 and "data.resolution" in proc.stderr and "--resume" in proc.stderr
+def one_error_line(proc) -> str:
+    """The single 'train.py: error:' line of a failed run (no traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight_run, tiny_ckpt, cache_dir, tmp_path):
+    """Issue 13 defects 3-5 on one run stopped after 2 UNet steps:
+    - a --resume refused for a changed setting leaves config.toml as it was (a later plain --resume works);
+    - a half-written last row of log.csv (kill during the append) is dropped, not a crash;
+    - a loss that turns non-finite stops the run with one clear line and exit code 1, writing nothing:
+      the newest checkpoint stays the last good one, and the run continues from it."""
+    out = tmp_path / "run"
+    base = small_args(tiny_ckpt, cache_dir, out, "--mode", "lora", "--unet-steps", "5", "--head-steps", "4")
+    ok(run_train(base + ["--stop-after", "2"]))
+    config_before = (out / "config.toml").read_text()
+    proc = run_train(base + ["--resume", "--set", "data.resolution=128"])
+    assert proc.returncode == 2 and "data.resolution" in one_error_line(proc)
+    assert (out / "config.toml").read_text() == config_before
+    with open(out / "log.csv", "a") as fh:
+        fh.write("1.5,un")                           # a row cut off by a kill (the first version crashed on it)
+    proc = run_train(base + ["--resume", "--set", "unet.lr=1e30", "--set", "unet.warmup=0"])
+    line = one_error_line(proc)
+    assert proc.returncode == 1 and "non-finite unet loss at step 4" in line and "unet-0000002" in line, line
+    from diffumatting.training.state import list_checkpoints
+
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["unet-0000002"]
+    assert not (out / "diffumatting_lora.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and "non-finite" in summary["error"]
+    text = ok(run_train(["--out", str(out), "--resume", "--no-progress"]))      # plain resume: config.toml
+    assert "resumed unet at step 2" in text
+    for name in ("diffumatting_lora.safetensors", "diffumatting_head.safetensors"):
+        assert_same_tensors(straight_run / name, out / name)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]   # noqa: E731
+    assert strip(read_log(out)) == strip(read_log(straight_run))
+
+
+def test_weak_spots_give_one_clear_line(straight_run, tiny_ckpt, cache_dir, tmp_path):
+    out = tmp_path / "w"
+    base = small_args(tiny_ckpt, cache_dir, out, "--mode", "lora", "--unet-steps", "2", "--stages", "unet")
+    cases = [
+        (["--seed", "-3"], "run.seed must be >= 0 and <= 4294967295, got -3"),
+        (["--set", "unet.lr=inf"], "unet.lr is inf"),
+        (["--set", "loss.green=nan"], "loss.green is nan"),
+        (["--resume", str(tmp_path / "no_such_checkpoint")], "no such checkpoint folder"),
+        (["--resume", str(straight_run)], "is not a trainer checkpoint"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU that torch can use"))
+    for extra, text in cases:
+        proc = run_train(base + extra)
+        assert proc.returncode == 2 and text in one_error_line(proc), (extra, proc.stderr[-2000:])
+    proc = run_train(base + ["--set", "unet.lora_targets=attn9.to_z"])
+    assert proc.returncode == 2 and "match no Linear layer" in one_error_line(proc)
 
 
 # --- Ctrl-C on a folder of RGBA PNGs with a bad file -----------------------------------------------------
