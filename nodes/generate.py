@@ -11,7 +11,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..models import green_canvas as gc
+from ..models import green_canvas
 from ..models.prompting import DEFAULT_GREEN_PHRASE, GREEN_WORD, add_green_phrase, green_token_positions
 from ..models.unet_layout import Layout, check_compatible, detect_layout, to_ldm
 from ._schema import CATEGORY, schema
@@ -246,15 +246,15 @@ def key_colour_latent(vae, model, rgb: tuple[float, float, float], size: int = 6
     img = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 1, 3).expand(1, size, size, 3).contiguous()
     with torch.no_grad():
         lat = vae.encode(img)
-    mean = gc.key_latent_mean(lat)
+    mean = green_canvas.key_latent_mean(lat)
     shaped = mean.view(1, -1, *([1] * (lat.ndim - 2)))
     return model.model.process_latent_in(shaped).flatten().float().detach()
 
 
 def green_canvas_model(model, vae, key_color: str, strength: float, end_percent: float, region: dict):
     """A clone of `model` whose sampler pulls x0 toward the key colour outside the central region."""
-    rgb = gc.hex_to_rgb(key_color)
-    gc.background_weight(8, 8, **region)  # validates the region early
+    rgb = green_canvas.hex_to_rgb(key_color)
+    green_canvas.background_weight(8, 8, **region)  # validates the region early
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength {strength} must be in 0..1")
     if not 0.0 <= end_percent <= 1.0:
@@ -263,7 +263,7 @@ def green_canvas_model(model, vae, key_color: str, strength: float, end_percent:
     sigma_end = float(model.get_model_object("model_sampling").percent_to_sigma(end_percent))
     m = model.clone()
     if strength > 0 and end_percent > 0:
-        m.set_model_sampler_post_cfg_function(gc.GreenCanvasGuide(key, strength, sigma_end, region))
+        m.set_model_sampler_post_cfg_function(green_canvas.GreenCanvasGuide(key, strength, sigma_end, region))
     return m
 
 
@@ -310,7 +310,7 @@ class GreenCanvas(io.ComfyNode):
     def validate_inputs(cls, key_color=None, **_):
         if key_color is not None:
             try:
-                gc.hex_to_rgb(key_color)
+                green_canvas.hex_to_rgb(key_color)
             except ValueError as e:
                 return str(e)
         return True
