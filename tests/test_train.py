@@ -51,7 +51,7 @@ def small_args(ckpt, cache, out, *extra) -> list[str]:
             *extra]
 
 
-def run_train(args, timeout=300, env_extra=None, cmd=None) -> subprocess.CompletedProcess:
+def run_train(args, timeout=1200, env_extra=None, cmd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.run((cmd or [PY, str(ROOT / "train.py")]) + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -91,7 +91,7 @@ def test_config_errors_are_actionable(tmp_path):
     proc = run_train(["--out", str(tmp_path), "--set", "data.resolution=100", "--set", "unet.mode=half"])
     assert proc.returncode == 2
     for text in ("model.checkpoint is empty: pass --checkpoint", "data.resolution 100 must be a multiple of 64",
-                 "unet.mode 'half': use lora or full", "data.path is empty"):
+                 "unet.mode 'half': use one of 'lora', 'full'", "data.path is empty"):
         assert text in proc.stderr, proc.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[unet]\nsteps = 'many'\n")
@@ -225,7 +225,7 @@ def test_ctrl_c_writes_checkpoint_and_exits_cleanly(tiny_ckpt, cache_dir, tmp_pa
     proc = subprocess.Popen([PY, str(ROOT / "train.py")] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while time.time() < deadline:
             log = out / "log.csv"
             if log.is_file() and len(log.read_text().splitlines()) >= 3:
@@ -235,7 +235,7 @@ def test_ctrl_c_writes_checkpoint_and_exits_cleanly(tiny_ckpt, cache_dir, tmp_pa
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -371,7 +371,7 @@ def test_torchrun_two_ranks_follow_single_process(straight_run, tiny_ckpt, cache
     args = ["--standalone", "--nproc_per_node", "2", str(ROOT / "train.py")] + small_args(
         tiny_ckpt, cache_dir, out, "--mode", "lora", "--unet-steps", "5", "--head-steps", "4",
         "--set", "run.threads=1")
-    ok(run_train(args, cmd=[torchrun], timeout=400, env_extra={"OMP_NUM_THREADS": "1"}))
+    ok(run_train(args, cmd=[torchrun], timeout=1200, env_extra={"OMP_NUM_THREADS": "1"}))
     single, multi = read_log(straight_run), read_log(out)
     assert [(r["stage"], r["step"]) for r in single] == [(r["stage"], r["step"]) for r in multi]
     for a, b in zip(single, multi):
