@@ -153,7 +153,8 @@ def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight
     - a --resume refused for a changed setting leaves config.toml as it was (a later plain --resume works);
     - a half-written last row of log.csv (kill during the append) is dropped, not a crash;
     - a loss that turns non-finite stops the run with one clear line and exit code 1, writing nothing:
-      the newest checkpoint stays the last good one, and the run continues from it."""
+      the newest checkpoint stays the last good one, and the run continues from it;
+    - killed with SIGKILL and resumed, the run still ends bit-identical to an uninterrupted one."""
     out = tmp_path / "run"
     base = small_args(tiny_ckpt, cache_dir, out, "--mode", "lora", "--unet-steps", "5", "--head-steps", "4")
     ok(run_train(base + ["--stop-after", "2"]))
@@ -172,8 +173,25 @@ def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight
     assert not (out / "diffumatting_lora.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and "non-finite" in summary["error"]
-    text = ok(run_train(["--out", str(out), "--resume", "--no-progress"]))      # plain resume: config.toml
-    assert "resumed unet at step 2" in text
+    # A plain --resume (config.toml) killed with SIGKILL inside the head stage, then resumed again: the run
+    # ends bit-identical to the uninterrupted one.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out", str(out), "--resume", "--no-progress"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            if any(r["stage"] == "head" for r in read_log(out)):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed in the head stage"
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = ok(run_train(["--out", str(out), "--resume", "--no-progress"]))
+    assert "resumed head at step" in text or "stage unet: already complete" in text
     for name in ("diffumatting_lora.safetensors", "diffumatting_head.safetensors"):
         assert_same_tensors(straight_run / name, out / name)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]   # noqa: E731
