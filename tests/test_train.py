@@ -282,7 +282,8 @@ JOB_STEPS = ["--unet-steps", "40", "--set", "unet.lr=3e-4", "--set", "data.cache
 @pytest.fixture(scope="module")
 def green_on_run(tiny_ckpt, cache_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("green_on")
-    ok(run_train(small_args(tiny_ckpt, cache_dir, out, "--mode", "full", "--head-steps", "150", *JOB_STEPS)))
+    text = ok(run_train(small_args(tiny_ckpt, cache_dir, out, "--mode", "full", "--head-steps", "150", *JOB_STEPS)))
+    (out / "stdout.txt").write_text(text)
     return out
 
 
@@ -302,6 +303,14 @@ def test_losses_do_their_job(green_on_run, tiny_ckpt, cache_dir, tmp_path):
     # (a head collapsed to "all background" would score that).
     assert on_m["head_error_after"] < 0.6 * on_m["head_error_before"], on_m
     assert on_m["head_error_after"] < 0.7 * on_m["head_error_constant"], on_m
+    # The learning check's other lines are measured: edge sharpness of the decoded x0 before/after, and the
+    # input-ignoring answers (one mean background map for the IoU, a flat image for the sharpness).
+    for key in ("green_iou_constant", "edge_sharpness_before", "edge_sharpness_after", "edge_sharpness_constant"):
+        assert np.isfinite(on_m[key]) and on_m[key] >= 0, (key, on_m)
+    assert 0 < on_m["green_iou_constant"] < 1
+    text = (green_on_run / "stdout.txt").read_text()
+    for line in ("green attention IoU", "edge sharpness near the object", "head alpha error", "unet stage: median step"):
+        assert line in text, text[-2000:]
 
 
 def test_final_lines_report_losses_and_measures(green_on_run):
