@@ -16,7 +16,8 @@ detail loss values of the timed losses steps are checked present, finite and non
 Peak memory: one fresh subprocess per (case, repeat), cases alternating; after a 2-step warm-up (which also
 allocates the AdamW state) the kernel's peak-RSS counter is reset (5 written to /proc/self/clear_refs; freed
 heap handed back with malloc_trim first) and the RSS recorded; after the timed steps VmHWM is the peak.
-mem_ratio = the step's working memory (peak - RSS before the steps), losses / plain.
+mem_ratio = the step's working memory (peak - RSS before the steps), losses / plain. With --device cuda
+the same with torch.cuda.max_memory_allocated / memory_allocated, and autocast as the config says (auto).
 
 On the 2-core CPU machine this takes minutes (an SD1.5 step is seconds; each subprocess loads the 2 GB
 checkpoint; building it once takes about 2 minutes unless --checkpoint names one).
@@ -49,9 +50,15 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch: int) -> dict:
+def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch: int, device: str) -> dict:
     """case 'plain' / 'losses': peak memory of `steps` steps; case 'time': alternating timed pairs."""
     import torch
+
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     from diffumatting.training import config as C
     from diffumatting.training.distributed import Dist
@@ -60,7 +67,7 @@ def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch
 
     torch.set_num_threads(threads)
     cfg = C.build(None, str(ROOT / "configs" / "default.toml"), {
-        "run": {"out": tempfile.mkdtemp(prefix="dm_bench_"), "threads": threads, "device": "cpu"},
+        "run": {"out": tempfile.mkdtemp(prefix="dm_bench_"), "threads": threads, "device": device},
         "model": {"checkpoint": ckpt}, "unet": {"batch_size": batch, "warmup": 0},
         "data": {"source": "synthetic", "resolution": resolution, "synthetic_count": batch, "holdout": 0}})
     C.validate(cfg)
@@ -89,8 +96,10 @@ def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch
         for i in range(steps):
             row = {}
             for name in (("plain", "losses") if i % 2 == 0 else ("losses", "plain")):
+                sync()
                 t0 = time.perf_counter()
                 parts = step(name)
+                sync()
                 row[name] = time.perf_counter() - t0
                 if name == "losses":
                     for k in seen:
@@ -99,6 +108,14 @@ def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch
         return {"pairs": pairs, "seen": seen}
     for _ in range(2):
         step(case)
+    if cuda:       # GPU memory: what the caching allocator hands out (weights, optimizer state, activations)
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step(case)
+        sync()
+        return {"before": before, "peak": torch.cuda.max_memory_allocated()}
     import gc
 
     gc.collect()
@@ -122,10 +139,13 @@ def main() -> int:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoint", help="an SD1.5-architecture checkpoint to use (default: build a random one)")
+    p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (torch.cuda.max_memory_allocated; "
+                   "autocast per run.mixed_precision = auto)")
     p.add_argument("--child", choices=["plain", "losses", "time"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, a.checkpoint, a.steps, a.threads, a.resolution, a.batch)))
+        print("RESULT " + json.dumps(child(a.child, a.checkpoint, a.steps, a.threads, a.resolution, a.batch,
+                                           a.device)))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="dm_bench_ckpt_") as tmp:
@@ -138,7 +158,8 @@ def main() -> int:
         def run_child(case, steps):
             proc = subprocess.run([sys.executable, __file__, "--child", case, "--checkpoint", ckpt,
                                    "--steps", str(steps), "--threads", str(a.threads),
-                                   "--resolution", str(a.resolution), "--batch", str(a.batch)],
+                                   "--resolution", str(a.resolution), "--batch", str(a.batch),
+                                   "--device", a.device],
                                   capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -155,7 +176,7 @@ def main() -> int:
             for case in results:
                 res = run_child(case, a.steps)
                 results[case].append(res)
-                print(f"memory repeat {r} {case:6s}: peak RSS {res['peak'] / 2**20:8.1f} MiB, working memory "
+                print(f"memory repeat {r} {case:6s}: peak {res['peak'] / 2**20:8.1f} MiB, working memory "
                       f"{(res['peak'] - res['before']) / 2**20:7.1f} MiB", flush=True)
 
     green, detail = (statistics.mean(timed["seen"][k]) for k in ("green", "detail"))
@@ -173,9 +194,9 @@ def main() -> int:
     peak_ratio = med("losses", lambda r: r["peak"]) / med("plain", lambda r: r["peak"])
     work_ratio = med("losses", lambda r: r["peak"] - r["before"]) / med("plain", lambda r: r["peak"] - r["before"])
     print(f"SD1.5 UNet architecture (random weights), default config (LoRA, green factors [2, 4]), "
-          f"{a.resolution}px batch {a.batch}, {a.threads} threads, CPU")
+          f"{a.resolution}px batch {a.batch}, {a.threads} threads, {a.device}")
     print(f"step time (medians)  plain {t_plain * 1000:.1f} ms   losses {t_loss * 1000:.1f} ms")
-    print(f"peak RSS ratio {peak_ratio:.3f}   working-memory ratio {work_ratio:.3f}")
+    print(f"peak memory ratio {peak_ratio:.3f}   working-memory ratio {work_ratio:.3f}")
     print(f"time_ratio={time_ratio:.3f} mem_ratio={work_ratio:.3f} green={green:.4g} detail={detail:.4g}")
     return 0
 
