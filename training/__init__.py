@@ -9,5 +9,7 @@
 - data.py (+ foreground.py), text.py, attention.py, state.py (checkpoints), lora.py, distributed.py,
   tiny_checkpoint.py (the `--preset tiny` checkpoint), host.py (headless ComfyUI import).
 Unlike models/, it may import ComfyUI: the base model is built with ComfyUI's own loaders.
-(refiner_*.py hold the learned refiner's data generator, issue 8.)
+
+Also the GreenPost refiner's procedural training data (refiner_data.py, with refiner_objects.py and
+refiner_kinds.py; plain numpy/OpenCV, no ComfyUI), used by train_refiner.py.
 """
