@@ -138,9 +138,9 @@ def test_vue_renderer_draws_checkerboard_under_transparent_preview(page, comfy_s
         assert abs(info["w"] / info["h"] - info["nw"] / info["nh"]) < 0.02, f"checkerboard beyond the image: {info}"
         shot_path = artifacts_dir / "browser_vue_save_rgba.png"
         others = f'.lg-node:not([data-node-id="{save_id}"])'  # nodes may overlap the preview: hide them
-        page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.visibility = 'hidden')")
+        page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.display = 'none')")
         img.screenshot(path=str(shot_path))
-        page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.visibility = '')")
+        page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.display = '')")
         shown = np.asarray(Image.open(shot_path).convert("RGB"))
         alpha = np.asarray(Image.open(saved[0]).convert("RGBA").resize(shown.shape[1::-1], Image.NEAREST))[..., 3]
         clear, solid = alpha == 0, alpha == 255
