@@ -190,6 +190,7 @@ def main(argv):
     p.add_argument("--per-round", type=int, default=4, help="samples per round and path (default 4)")
     p.add_argument("--kill-samples", type=int, default=8, help="samples in the kill run (default 8)")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` etc.: stop the servers in `finally`
     from diffumatting.factory.demo import tiny_base
 
     with tempfile.TemporaryDirectory(prefix="bench_dataset_") as tmp:
