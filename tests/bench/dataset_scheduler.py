@@ -186,9 +186,9 @@ def kill_run(a: ComfyServer, b: ComfyServer, out: Path, n: int) -> bool:
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
-    p.add_argument("--per-round", type=int, default=4, help="samples per round and path (default 4)")
-    p.add_argument("--kill-samples", type=int, default=8, help="samples in the kill run (default 8)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
+    p.add_argument("--per-round", type=int, default=3, help="samples per round and path (default 3)")
+    p.add_argument("--kill-samples", type=int, default=6, help="samples in the kill run (default 6)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` etc.: stop the servers in `finally`
     from diffumatting.factory.demo import tiny_base
