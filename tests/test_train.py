@@ -124,8 +124,12 @@ def test_resume_equals_uninterrupted(straight_run, tiny_ckpt, cache_dir, tmp_pat
     text = ok(run_train(base + ["--resume", "--stop-after", "4"]))   # 2 UNet steps + 2 head steps
     assert "resumed unet at step 3" in text
     ok(run_train(base + ["--resume"]))
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in ("diffumatting_lora.safetensors", "diffumatting_head.safetensors"):
         assert_same_tensors(straight_run / name, out / name)
+        mode = (out / name).stat().st_mode & 0o777          # exports honour the umask (issue 13 defect 7)
+        assert mode == 0o666 & ~umask, (name, oct(mode), oct(umask))
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["head-0000002", "head-0000004"], ckpts        # keep_checkpoints = 2, no temporaries
     assert_same_tensors(straight_run / "checkpoints/head-0000004/optimizer.safetensors",
