@@ -177,10 +177,12 @@ def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight
     assert not (out / "diffumatting_lora.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and "non-finite" in summary["error"]
-    # A plain --resume (config.toml) killed with SIGKILL inside the head stage, then resumed again: the run
-    # ends bit-identical to the uninterrupted one.
+    # Resumed with the learning rate lowered again (the failed run's config.toml has lr 1e30), killed with
+    # SIGKILL inside the head stage, then resumed again with a plain --resume (config.toml): the run ends
+    # bit-identical to the uninterrupted one.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out", str(out), "--resume", "--no-progress"], cwd=ROOT,
+    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out", str(out), "--resume", "--no-progress",
+                             "--set", "unet.lr=1e-4", "--set", "unet.warmup=10"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900
