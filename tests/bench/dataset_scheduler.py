@@ -8,7 +8,8 @@
    shared CPU machine the workflow itself takes seconds with large swings, so each sample's figure is its
    residual: client wall from POST to files in hand minus the server's own execution time (the
    execution_start/execution_success timestamps in its history); both paths make the same requests, and
-   the residuals still swing by hundreds of ms with the machine's load. The overhead figure is therefore
+   the residuals still swing: per sample they are either tens of ms or ~1 s (the server pauses after a
+   prompt, e.g. its periodic gc.collect, before it answers /history and /view), in either path at random. The overhead figure is therefore
    the client's CPU time per sample (this process, time.process_time: JSON, websocket, HTTP, the
    scheduler's bookkeeping), median over rounds of (b) - (a); the residual medians are printed beside it
    (the scheduler has no polling or sleeps, so it adds no waiting of its own). Also shown: the
