@@ -23,17 +23,21 @@ _package.register()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from diffumatting.training import config as train_config
+
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Precedence: defaults < --preset < --config < flags and --set.")
     p.add_argument("--config", help="TOML config file (see configs/default.toml for every key)")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: tiny random SD1.5-shaped model + generated data, "
+    p.add_argument("--preset", choices=list(train_config.PRESETS), help="tiny: tiny random SD1.5-shaped model + generated data, "
                                                        "both stages on the CPU in minutes")
     p.add_argument("--out", help="output folder (run.out): checkpoints/, samples/, log.csv, trained files")
     p.add_argument("--checkpoint", help="base SD1.x/SD2/SDXL checkpoint .safetensors (model.checkpoint)")
     p.add_argument("--data", help="data folder (data.path): RGBA PNGs, or image/ + alpha/ pairs")
     p.add_argument("--stages", help="comma list of stages to run: unet,head (run.stages)")
-    p.add_argument("--mode", choices=["lora", "full"], help="UNet fine-tune mode (unet.mode)")
+    p.add_argument("--mode", choices=list(typing.get_args(train_config.UnetMode)), help="UNet fine-tune mode (unet.mode)")
     p.add_argument("--unet-steps", type=int, help="UNet stage steps (unet.steps)")
     p.add_argument("--head-steps", type=int, help="matting head stage steps (head.steps)")
     p.add_argument("--batch-size", type=int, help="global batch size of both stages")

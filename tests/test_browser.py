@@ -155,3 +155,29 @@ def test_vue_renderer_draws_checkerboard_under_transparent_preview(page, comfy_s
         assert not page.page_errors, f"errors in the page: {page.page_errors}"
     finally:
         page.evaluate(f"async () => {{ await window.app.extensionManager.setting.set('{VUE_SETTING}', false); }}")
+
+
+def test_filename_tokens_from_the_page(page, comfy_server, server_models):
+    """%date:...% and %Node name.widget% in Save Transparent PNG's filename_prefix, queued from the page."""
+    sample = server_models["green_sample"]
+    graph = {"last_node_id": 2, "last_link_id": 1, "version": 0.4, "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+             "nodes": [
+                 {"id": 1, "type": "LoadImage", "pos": [0, 0], "size": [300, 300], "mode": 0, "order": 0,
+                  "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                                            {"name": "MASK", "type": "MASK", "links": None}],
+                  "properties": {"Node name for S&R": "LoadImage"}, "widgets_values": [sample, "image"]},
+                 {"id": 2, "type": "DiffuMattingSaveRGBA", "pos": [400, 0], "size": [300, 300], "mode": 0,
+                  "order": 1, "inputs": [{"name": "image", "type": "IMAGE", "link": 1}], "outputs": [],
+                  "properties": {}, "widgets_values": ["tokens/%date:yyyy-MM-dd%/%LoadImage.image%_x", "8",
+                                                       False, 8, False]}]}
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", graph)
+    sent = page.evaluate("async () => (await window.app.graphToPrompt()).output['2'].inputs.filename_prefix")
+    today = page.evaluate("() => { const d = new Date(); return d.getFullYear() + '-' + "
+                          "String(d.getMonth() + 1).padStart(2, '0') + '-' + String(d.getDate()).padStart(2, '0'); }")
+    assert sent == f"tokens/{today}/{sample}_x", sent
+    before = _history_ids(comfy_server)
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    files = comfy_server.output_files(_wait_new_prompt(comfy_server, before))
+    assert [f.relative_to(comfy_server.base / "output").as_posix() for f in files] == \
+        [f"tokens/{today}/{sample}_x_00001_.png"]
+    assert files[0].is_file()

@@ -124,8 +124,12 @@ def test_resume_equals_uninterrupted(straight_run, tiny_ckpt, cache_dir, tmp_pat
     text = ok(run_train(base + ["--resume", "--stop-after", "4"]))   # 2 UNet steps + 2 head steps
     assert "resumed unet at step 3" in text
     ok(run_train(base + ["--resume"]))
+    umask = os.umask(0o022)
+    os.umask(umask)
     for name in ("diffumatting_lora.safetensors", "diffumatting_head.safetensors"):
         assert_same_tensors(straight_run / name, out / name)
+        mode = (out / name).stat().st_mode & 0o777          # exports honour the umask (issue 13 defect 7)
+        assert mode == 0o666 & ~umask, (name, oct(mode), oct(umask))
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["head-0000002", "head-0000004"], ckpts        # keep_checkpoints = 2, no temporaries
     assert_same_tensors(straight_run / "checkpoints/head-0000004/optimizer.safetensors",
@@ -173,10 +177,12 @@ def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight
     assert not (out / "diffumatting_lora.safetensors").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False and "non-finite" in summary["error"]
-    # A plain --resume (config.toml) killed with SIGKILL inside the head stage, then resumed again: the run
-    # ends bit-identical to the uninterrupted one.
+    # Resumed with the learning rate lowered again (the failed run's config.toml has lr 1e30), killed with
+    # SIGKILL inside the head stage, then resumed again with a plain --resume (config.toml): the run ends
+    # bit-identical to the uninterrupted one.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out", str(out), "--resume", "--no-progress"], cwd=ROOT,
+    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out", str(out), "--resume", "--no-progress",
+                             "--set", "unet.lr=1e-4", "--set", "unet.warmup=10"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900

@@ -167,43 +167,15 @@ def synthetic_items(count: int, seed: int, offset: int = 0) -> list[Item]:
     return out
 
 
-def read_image_file(path) -> np.ndarray:
-    """(H, W, 3) RGB or (H, W, 4) straight RGBA float32 in [0, 1]; 16-bit files are scaled by value."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        mode = im.mode
-        if mode.startswith("I;16") or mode == "I":
-            arr = np.asarray(im).astype(np.float32) / 65535.0
-            return np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2)
-        if mode == "F":
-            return np.repeat(np.clip(np.asarray(im, np.float32), 0, 1)[..., None], 3, axis=2)
-        with open(path, "rb") as fh:
-            head = fh.read(26)
-        if im.format == "PNG" and len(head) == 26 and head[24] == 16:
-            raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if raw is None or raw.dtype != np.uint16:
-                raise ValueError("the 16-bit PNG could not be decoded")
-            raw = raw[..., None] if raw.ndim == 2 else raw
-            raw = raw[..., [2, 1, 0, 3][:raw.shape[-1]]] if raw.shape[-1] in (3, 4) else raw
-            arr = raw.astype(np.float32) / 65535.0
-            if arr.shape[-1] == 1:
-                arr = np.repeat(arr, 3, axis=2)
-            elif arr.shape[-1] == 2:
-                arr = np.concatenate([np.repeat(arr[..., :1], 3, axis=2), arr[..., 1:]], axis=2)
-            return arr
-        has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info)
-        return np.asarray(im.convert("RGBA" if has_alpha else "RGB"), np.float32) / 255.0
-
-
 def _read_rgba(item: Item) -> tuple[np.ndarray, np.ndarray]:
     """(colour HxWx3, alpha HxW) float32 from a folder item; raises BadSample."""
+    from ..models.image_file import read_image   # 8/16-bit and float files by value (issue 13)
+
     try:
-        arr = read_image_file(item.image)
+        arr = read_image(item.image)
         if item.alpha:
             rgb = arr[..., :3]
-            a = read_image_file(item.alpha)[..., 0]
+            a = read_image(item.alpha)[..., 0]
         else:
             if arr.shape[-1] != 4:
                 raise ValueError("no alpha channel")

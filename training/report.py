@@ -119,7 +119,7 @@ def final_lines(measures: dict, final_losses: dict, timing: dict, bad: list) -> 
              for stage, vals in final_losses.items()]
     m = measures
     checks = (
-        ("green_iou", "green attention IoU (held-out, median threshold)", "constant map: mean background"),
+        ("green_iou", "green attention IoU (held-out, median threshold)", "constant map: distance from the centre"),
         ("edge_sharpness", "edge sharpness near the object (decoded x0 at t=200 / VAE reconstruction)",
          "flat answer"),
         ("head_error", "head alpha error (held-out MAE)", "best constant answer"),

@@ -276,14 +276,15 @@ class UnetStage(Stage):
 
     @torch.no_grad()
     def constant_answers(self) -> dict:
-        """Scores of answers that ignore the input. Green IoU: one map for every sample, the mean held-out
-        background mask (the centre prior: objects sit mid-canvas), scored like the attention. Edge
-        sharpness: a flat answer (the mean latent, decoded)."""
+        """Scores of answers that ignore the input. Green IoU: one map for every sample, the distance from
+        the canvas centre (the centre prior: objects sit mid-canvas, background around them), scored like
+        the attention. Edge sharpness: a flat answer (the mean latent, decoded)."""
         x0, alpha = self._holdout_tensors()
         f = min(self.cfg.loss.green_factors)
-        hw = (-(-x0.shape[-2] // f), -(-x0.shape[-1] // f))
-        prior = L.background_mask(alpha, hw).mean(0, keepdim=True).expand(alpha.shape[0], -1, -1, -1)
-        iou = L.attention_iou(prior.contiguous(), alpha)
+        h, w = -(-x0.shape[-2] // f), -(-x0.shape[-1] // f)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        prior = (yy ** 2 + xx ** 2).sqrt().to(alpha.device).expand(alpha.shape[0], 1, h, w).contiguous()
+        iou = L.attention_iou(prior, alpha)
         band, ref = self._edge_reference(x0, alpha)
         flat = x0.mean(dim=(0, 2, 3), keepdim=True).expand_as(x0).contiguous()
         got = mean_edge_gradient(self.s.decode_latents(flat), band)
