@@ -110,6 +110,19 @@ def load_unet_weights(path: str, model) -> tuple[dict[str, torch.Tensor], Layout
     return weights, layout, arch
 
 
+def unet_patches(weights: dict[str, torch.Tensor], strength: float) -> tuple[dict, float, float]:
+    """(patches, strength_patch, strength_model) for ModelPatcher.add_patches.
+
+    Strength 1 replaces each weight: a "set" patch, which core's calculate_weight applies as one copy (ComfyUI
+    0.3.75 and the newest both read ("set", (tensor,)) that way), so nothing is recomputed as a full-size
+    difference per layer. Below 1 the weights blend: a "diff" patch at `strength` on the base scaled by
+    (1 - strength).
+    """
+    if strength == 1.0:
+        return {UNET_PREFIX + k: ("set", (v,)) for k, v in weights.items()}, 1.0, 1.0
+    return {UNET_PREFIX + k: (v,) for k, v in weights.items()}, strength, 1.0 - strength
+
+
 def apply_unet(model, weights: dict[str, torch.Tensor], strength: float):
     """A clone of `model` whose UNet is (1 - strength) * base + strength * weights (ComfyUI patches)."""
     strength = float(strength)
@@ -118,8 +131,8 @@ def apply_unet(model, weights: dict[str, torch.Tensor], strength: float):
     m = model.clone()
     if strength == 0.0:
         return m
-    patches = {UNET_PREFIX + k: (v,) for k, v in weights.items()}
-    added = m.add_patches(patches, strength_patch=strength, strength_model=1.0 - strength)
+    patches, strength_patch, strength_model = unet_patches(weights, strength)
+    added = m.add_patches(patches, strength_patch=strength_patch, strength_model=strength_model)
     if len(added) != len(patches):
         missing = sorted(set(patches) - set(added))[:3]
         raise ValueError(f"{len(patches) - len(added)} UNet weights could not be patched (e.g. {missing})")

@@ -120,6 +120,12 @@ def test_strength_endpoints_and_base_untouched(tiny, finetune, tmp_path):
     ref_path = save_safetensors_atomic(sd, tmp_path / "ref.safetensors")
     ref = comfy.sd.load_checkpoint_guess_config(str(ref_path), output_vae=False, output_clip=False)[0]
     at1 = G.apply_unet(base, finetune, 1.0)
+    # Strength 1 replaces the weights ("set"): no full-size difference to recompute per layer and step.
+    kinds = {k: [p[1][0] if len(p[1]) == 2 else "diff" for p in v] for k, v in at1.patches.items()}
+    assert len(kinds) == len(finetune) and all(v == ["set"] for v in kinds.values()), set(map(tuple, kinds.values()))
+    half_kinds = {p[1][0] if len(p[1]) == 2 else "diff" for v in G.apply_unet(base, finetune, 0.5).patches.values()
+                  for p in v}
+    assert half_kinds == {"diff"}, "below 1 the weights blend"
     assert torch.equal(_sample(at1, tiny["clip"]), _sample(ref, tiny["clip"]))
     assert not torch.equal(_sample(at1, tiny["clip"]), base_out), "the fine-tuned UNet must change the output"
 
