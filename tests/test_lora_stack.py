@@ -150,8 +150,8 @@ def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     for seed in range(3):
         for name in LORAS:
             for p in dist:
-                styled = _run(canvas, clip, green_protection=p, lora_1=name)[0]
-                dist[p].append(background_distance(sample_latent(styled, clip, seed), key, G_REGION)[0])
+                styled, styled_clip = _run(canvas, clip, green_protection=p, lora_1=name)[:2]
+                dist[p].append(background_distance(sample_latent(styled, styled_clip, seed), key, G_REGION)[0])
     mean = {p: sum(v) / len(v) for p, v in dist.items()}
     assert mean[1.0] < 0.97 * mean[0.0], mean
 

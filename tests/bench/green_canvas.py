@@ -73,9 +73,10 @@ def main() -> int:
     for p in (0.0, 0.5, 1.0):
         bgs, centre_change = [], []
         for name in names:
-            styled = LoraStack.execute(canvas, clip, None, False, p, lora_1=name).result[0]
+            # Both halves of the LoRA: the patched MODEL and the patched CLIP that encodes the prompt.
+            styled, styled_clip = LoraStack.execute(canvas, clip, None, False, p, lora_1=name).result[:2]
             for s in SEEDS:
-                lat = sample_latent(styled, clip, s)
+                lat = sample_latent(styled, styled_clip, s)
                 bgs.append(background_distance(lat, key, REGION)[0])
                 fg = background_weight(*lat.shape[-2:], **REGION) <= 0.5
                 centre_change.append(float((lat - plain[s]).pow(2).sum(1).sqrt()[0][fg].mean()))
