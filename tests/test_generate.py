@@ -214,22 +214,23 @@ def test_loader_node_refuses_pickle_foreign_and_other_architecture(tiny, finetun
         G.UNetLoader.execute(tiny["model"], "wrong.safetensors", 1.0)
 
 
-def test_green_prompt_marks_green_tokens(tiny):
+def test_green_prompt_encodes_the_full_text_and_marks_green_tokens(tiny):
     from diffumatting.nodes import generate as G
 
     clip = tiny["clip"]
-    cond, text, tokens_json = G.GreenPrompt.execute(clip, "a red apple", P.DEFAULT_GREEN_PHRASE).result
+    cond, text = G.GreenPrompt.execute(clip, "a red apple", P.DEFAULT_GREEN_PHRASE).result
     assert text == "a red apple, " + P.DEFAULT_GREEN_PHRASE
-    positions = json.loads(tokens_json)
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    assert torch.equal(cond[0][0], plain[0][0]), "the conditioning itself is core's encode of the full text"
+    _, text2 = G.GreenPrompt.execute(clip, "an apple", "").result
+    assert text2 == "an apple"
+    # The helper the green-token protection uses: positions of "green" per text encoder.
+    positions = G.green_tokens(clip, clip.tokenize(text))
     ids = [t[0] for t in clip.tokenize(text)["l"][0]]
     green_id = [t for t in (x[0] for x in clip.tokenize("green")["l"][0]) if t not in
                 {x[0] for x in clip.tokenize("")["l"][0]}]
     assert positions["l"] and all(ids[p] in green_id for p in positions["l"])
-    assert cond[0][1][G.GREEN_TOKENS_KEY] == positions
-    plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    assert torch.equal(cond[0][0], plain[0][0]), "the conditioning itself is core's encode of the full text"
-    _, text2, tokens2 = G.GreenPrompt.execute(clip, "an apple", "").result
-    assert text2 == "an apple" and json.loads(tokens2) == {"l": []}
+    assert G.green_tokens(clip, clip.tokenize("an apple")) == {"l": []}
 
 
 def test_schemas_validate_in_the_host(comfy_host):

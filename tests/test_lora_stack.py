@@ -144,7 +144,7 @@ def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     from diffumatting.nodes import generate as G
 
     model, clip, vae = tiny["model"], tiny["clip"], tiny["vae"]
-    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION)
+    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION, "fixed ellipse")
     key = G.key_colour_latent(vae, model, (0.0, 0xb1 / 255, 0x40 / 255))
     dist = {0.0: [], 1.0: []}
     for seed in range(3):
