@@ -137,6 +137,22 @@ def test_green_protection_scales_only_cross_attention(tiny, lora_folder):
         assert torch.allclose(half[k] - base[k], 0.5 * (full[k] - base[k]), atol=1e-5)
 
 
+def test_row_opt_out_is_never_damped(tiny, lora_folder):
+    model, clip = tiny["model"], tiny["clip"]
+    full = _weights(_run(model, clip, lora_1=LORAS[0], lora_2=LORAS[1])[0])
+    opted = _weights(_run(model, clip, green_protection=1.0, lora_1=LORAS[0], protect_1=False,
+                          lora_2=LORAS[1])[0])
+    only_b_full = _weights(_run(model, clip, lora_1=LORAS[1])[0])
+    only_b_protected = _weights(_run(model, clip, green_protection=1.0, lora_1=LORAS[1])[0])
+    cross = [k for k in full if ".attn2." in k and k.endswith("weight")]
+    base = _weights(model)
+    # Row 1 (opted out) keeps its whole attn2 delta; row 2's attn2 delta is removed.
+    for k in cross:
+        expect = full[k] - (only_b_full[k] - base[k]) + (only_b_protected[k] - base[k])
+        assert torch.allclose(opted[k], expect, atol=1e-4), k
+    assert any(not torch.equal(opted[k], base[k]) for k in cross)
+
+
 def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     """Measured on the tiny model with the green canvas on: the background's distance to the key colour
     latent, averaged over seeds and both LoRAs, is smaller with protection than without."""
