@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import _package  # this script's folder is on sys.path (Python puts it there), see _package.py
+
+_package.register()
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -33,7 +34,7 @@ def _unit(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.greenpost import OPTION_DOCS
+    from diffumatting.models.greenpost import OPTION_DOCS
 
     p = argparse.ArgumentParser(prog="greenpost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
-    from models.alpha import parse_hex_color
-    from models.greenpost import GreenPostOptions
+    from diffumatting.models.alpha import parse_hex_color
+    from diffumatting.models.greenpost import GreenPostOptions
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -132,8 +133,8 @@ def key_file(path: Path, out_dir: Path, options) -> Path:
     import torch
     from PIL import Image, ImageOps
 
-    from models.atomic import atomic_path
-    from models.greenpost import greenpost
+    from diffumatting.models.atomic import atomic_path
+    from diffumatting.models.greenpost import greenpost
 
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)

@@ -15,20 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-PACKAGE = "diffumatting"
+import _package  # this script's folder is on sys.path (Python puts it there), see _package.py
 
-
-def _register_package():
-    """Import the pack's modules as the package `diffumatting` without running its ComfyUI __init__."""
-    if PACKAGE not in sys.modules:
-        pkg = types.ModuleType(PACKAGE)
-        pkg.__path__ = [str(ROOT)]
-        pkg.__file__ = str(ROOT / "__init__.py")
-        sys.modules[PACKAGE] = pkg
+_package.register()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args) -> dict:
-    from diffumatting.training import config as C
+    from diffumatting.training import config as train_config
 
-    o = C.parse_set(args.set)
+    o = train_config.parse_set(args.set)
 
     def put(section, key, value):
         if value is not None:
@@ -91,8 +82,7 @@ def overrides_from_args(args) -> dict:
 
 
 def main(argv=None) -> int:
-    _register_package()
-    from diffumatting.training import config as C
+    from diffumatting.training import config as train_config
     from diffumatting.training import distributed
 
     args = build_parser().parse_args(argv)
@@ -103,18 +93,18 @@ def main(argv=None) -> int:
             # Resuming without a config: start from the run's own config.toml.
             out = overrides.get("run", {}).get("out")
             if not out:
-                raise C.ConfigError("--resume needs --out (the run folder to continue)")
+                raise train_config.ConfigError("--resume needs --out (the run folder to continue)")
             saved = Path(out) / "config.toml"
             if saved.is_file():
-                base = C.apply_dict(C.TrainConfig(), C.load_toml(saved), str(saved))
-        cfg = C.build(args.preset, args.config, overrides, base=base)
+                base = train_config.apply_dict(train_config.TrainConfig(), train_config.load_toml(saved), str(saved))
+        cfg = train_config.build(args.preset, args.config, overrides, base=base)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        C.validate(cfg, world_size=world)
-    except C.ConfigError as e:
+        train_config.validate(cfg, world_size=world)
+    except train_config.ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(C.to_toml(cfg))
+        print(train_config.to_toml(cfg))
         return 0
     dist = distributed.setup(cfg.run.device)
     try:
@@ -126,7 +116,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, dist, resume=args.resume, stop_after=args.stop_after)
         try:
             return trainer.run()
-        except C.ConfigError as e:
+        except train_config.ConfigError as e:
             print(f"train.py: error: {e}", file=sys.stderr)
             return 2
     finally:

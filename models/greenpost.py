@@ -213,8 +213,37 @@ def _noise_var(x: torch.Tensor, bg: torch.Tensor, B_low: torch.Tensor) -> torch.
     return (r2.median(dim=1).values / 0.4549).clamp(1e-6, 0.05)
 
 
+@dataclass
+class KeyFields:
+    """Everything the classical key of one image computed, for consumers that refine it (models/refiner.py).
+
+    Full-resolution fields are (1, C, H, W) float32; the alpha-uncertainty scales live on the coarse grid
+    (block size `grid_factor`); upsample them with `scales_at`."""
+
+    key: torch.Tensor        # (3,) key colour used
+    backing: torch.Tensor    # (1, 3, H, W) backing plate B, filled under the object
+    alpha: torch.Tensor      # (1, 1, H, W) classical alpha in [0, 1] (after prior blend and matte levels)
+    prior_fg: torch.Tensor   # (1, 3, H, W) local object colour F0 (foreground prior)
+    fg: torch.Tensor         # (1, 3, H, W) straight foreground, spill removed
+    noise_std: torch.Tensor  # (3,) per-channel noise deviation measured on the backing
+    sig0_low: torch.Tensor   # (1, 1, h, w) alpha noise deviation near alpha 0 (photo noise only)
+    sig1_low: torch.Tensor   # (1, 1, h, w) near alpha 1 (plus object texture) = 1 / colour separation
+    grid_factor: int
+
+    def scales_at(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sig0, sig1) upsampled to `size`, each (1, 1, H, W)."""
+        up = _up(torch.cat([self.sig0_low, self.sig1_low], 1), size)
+        return up[:, 0:1], up[:, 1:2]
+
+
 def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Key one image. rgb: (3, H, W) float32; prior: (H, W) or None. Returns fg (3, H, W), alpha (H, W)."""
+    kf = key_fields(rgb, prior, opt)
+    return kf.fg[0], kf.alpha[0, 0]
+
+
+def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> KeyFields:
+    """Classical key of one image with its intermediate fields. rgb: (3, H, W) float32; prior: (H, W) or None."""
     H, W = rgb.shape[-2:]
     size = (H, W)
     dev = rgb.device
@@ -327,7 +356,8 @@ def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOption
         allowed = e0 * (e0 > 0.25 * e_key).float()
         spill = (_excess(fg, p, o) - allowed).clamp_min_(0)
         fg[:, p:p + 1].sub_(spill, alpha=opt.spill_strength)
-    return fg[0], a[0, 0]
+    return KeyFields(key=key, backing=B, alpha=a, prior_fg=F0, fg=fg, noise_std=var_n.sqrt(), sig0_low=sig0,
+                     sig1_low=sig1, grid_factor=f)
 
 
 # ----------------------------------------------------------------------------------------------- API

@@ -1,4 +1,4 @@
-"""Key layouts of fine-tuned UNet files, architecture detection and strength blending (plain torch).
+"""Key layouts of fine-tuned UNet files and architecture detection (plain torch).
 
 Layouts (what a DiffuMatting UNet file may look like):
 - LDM:        bare ldm keys, `input_blocks.0.0.weight` ... (ComfyUI's "diffusion_models" UNet files)
@@ -124,16 +124,3 @@ def check_compatible(file_shapes: Mapping[str, object], base_shapes: Mapping[str
     if not file_shapes:
         raise ValueError(f"{name} holds no UNet weights")
     return detected
-
-
-def blend(base: torch.Tensor, tuned: torch.Tensor, strength: float) -> torch.Tensor:
-    """(1 - strength) * base + strength * tuned, computed the way ComfyUI applies the loader's patch
-    (base scaled first, then the tuned weight added): strength 0 gives base, 1 gives tuned exactly."""
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength {strength} is outside 0..1 (0 = base model, 1 = the fine-tuned UNet)")
-    out = base.clone()
-    if 1.0 - strength != 1.0:
-        out *= 1.0 - strength
-    if strength != 0.0:
-        out += strength * tuned.to(out.dtype)
-    return out

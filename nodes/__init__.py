@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import os
 
-# Only ComfyExtension is imported from comfy_api here: `io` is the name of this package's io module.
 from comfy_api.latest import ComfyExtension
 
-from . import io as io_nodes
-from . import generate, lora, matting
-from . import refine
+from . import export, generate, lora, matting, refine
 
 MODEL_FOLDER = "diffumatting"
 
@@ -29,7 +26,7 @@ def register_model_folder() -> None:
 
 class DiffuMattingExtension(ComfyExtension):
     async def get_node_list(self) -> list:
-        return [*io_nodes.NODES, *refine.NODES, *matting.NODES, *generate.NODES, *lora.NODES]
+        return [*export.NODES, *refine.NODES, *matting.NODES, *generate.NODES, *lora.NODES]
 
 
 async def comfy_entrypoint() -> DiffuMattingExtension:

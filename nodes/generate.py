@@ -11,7 +11,7 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..models import green_canvas as gc
+from ..models import green_canvas
 from ..models.prompting import DEFAULT_GREEN_PHRASE, GREEN_WORD, add_green_phrase, green_token_positions
 from ..models.unet_layout import Layout, check_compatible, detect_layout, to_ldm
 from ._schema import CATEGORY, enum_options, schema
@@ -248,18 +248,18 @@ def key_colour_latent(vae, model, rgb: tuple[float, float, float], size: int = 6
     img = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 1, 3).expand(1, size, size, 3).contiguous()
     with torch.no_grad():
         lat = vae.encode(img)
-    mean = gc.key_latent_mean(lat)
+    mean = green_canvas.key_latent_mean(lat)
     shaped = mean.view(1, -1, *([1] * (lat.ndim - 2)))
     return model.model.process_latent_in(shaped).flatten().float().detach()
 
 
 def green_canvas_model(model, vae, key_color: str, strength: float, end_percent: float, region: dict,
-                       mode: gc.CanvasMode = gc.CanvasMode.FOLLOW):
+                       mode: green_canvas.CanvasMode = green_canvas.CanvasMode.FOLLOW):
     """A clone of `model` whose sampler pulls x0 toward the key colour in the background: found in each
     step's x0 prediction (FOLLOW) or outside the fixed ellipse `region` (ELLIPSE)."""
-    rgb = gc.hex_to_rgb(key_color)
-    mode = gc.CanvasMode(mode)
-    gc.background_weight(8, 8, **region)  # validates the region early (also kept in follow mode)
+    rgb = green_canvas.hex_to_rgb(key_color)
+    mode = green_canvas.CanvasMode(mode)
+    green_canvas.background_weight(8, 8, **region)  # validates the region early (also kept in follow mode)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength {strength} must be in 0..1")
     if not 0.0 <= end_percent <= 1.0:
@@ -268,7 +268,7 @@ def green_canvas_model(model, vae, key_color: str, strength: float, end_percent:
     sigma_end = float(model.get_model_object("model_sampling").percent_to_sigma(end_percent))
     m = model.clone()
     if strength > 0 and end_percent > 0:
-        m.set_model_sampler_post_cfg_function(gc.GreenCanvasGuide(key, strength, sigma_end, region, mode))
+        m.set_model_sampler_post_cfg_function(green_canvas.GreenCanvasGuide(key, strength, sigma_end, region, mode))
     return m
 
 
@@ -290,7 +290,7 @@ class GreenCanvas(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL to sample with (cloned, not changed)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, used once to encode the key colour."),
-                io.Combo.Input("mode", options=enum_options(gc.CanvasMode), default=gc.CanvasMode.FOLLOW.value,
+                io.Combo.Input("mode", options=enum_options(green_canvas.CanvasMode), default=green_canvas.CanvasMode.FOLLOW.value,
                                tooltip="follow object: the background is read from the model's prediction at "
                                        "every step, the object is left alone wherever it is. fixed ellipse: "
                                        "everything outside the ellipse below is background (use strength ~0.8, "
@@ -323,18 +323,18 @@ class GreenCanvas(io.ComfyNode):
     def validate_inputs(cls, key_color=None, **_):
         if key_color is not None:
             try:
-                gc.hex_to_rgb(key_color)
+                green_canvas.hex_to_rgb(key_color)
             except ValueError as e:
                 return str(e)
         return True
 
     @classmethod
-    def execute(cls, model, vae, mode=gc.CanvasMode.FOLLOW.value, key_color="#00b140", strength=1.0,
+    def execute(cls, model, vae, mode=green_canvas.CanvasMode.FOLLOW.value, key_color="#00b140", strength=1.0,
                 end_percent=1.0, center_x=0.5, center_y=0.5, width=0.6, height=0.7,
                 feather=0.15) -> io.NodeOutput:
         region = dict(center_x=center_x, center_y=center_y, width=width, height=height, feather=feather)
         return io.NodeOutput(green_canvas_model(model, vae, key_color, strength, end_percent, region,
-                                                gc.CanvasMode(str(mode))))
+                                                green_canvas.CanvasMode(str(mode))))
 
 
 NODES = [UNetLoader, GreenPrompt, GreenCanvas]

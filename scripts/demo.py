@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.append(str(ROOT))
+sys.path.append(str(ROOT / "tests"))  # support/: the generated green-screen sample
 
+import _package  # noqa: E402  the pack as `diffumatting` (see _package.py)
 from comfy_client import HOST, ComfyServer, WorkflowError  # noqa: E402
+
+_package.register()
 
 SAMPLE_NAME = "diffumatting_green_sample.png"
 
@@ -47,7 +50,7 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from models.samples import write_green_sample
+    from support.samples import write_green_sample
 
     base = args.base_dir.resolve()
     if args.model is None:

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-- The pack is importable as the package `diffumatting` (its root registered without running the root
-  __init__, so pure tests of models/ never import ComfyUI).
+- The pack is importable as the package `diffumatting` (_package.register(): its root registered without
+  running the root __init__, so pure tests of models/ never import ComfyUI).
 - `comfy_host` puts the real ComfyUI from .host/ on sys.path for in-process tests of nodes.
 - `comfy_server` starts the real ComfyUI server once per session, with its own base directory.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,16 @@ HOST = ROOT / ".host" / "ComfyUI"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ARTIFACTS = ROOT / "artifacts"
 
-if "diffumatting" not in sys.modules:
-    _pkg = types.ModuleType("diffumatting")
-    _pkg.__path__ = [str(ROOT)]
-    _pkg.__file__ = str(ROOT / "__init__.py")
-    sys.modules["diffumatting"] = _pkg
-
+# Appended (not inserted): the root is on sys.path only to find _package.py; ComfyUI's own top-level
+# modules (`nodes`, `comfy`), inserted in front by add_host_to_path, keep precedence.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import _package  # noqa: E402
+
+_package.register()
 
 import torch  # noqa: E402
 

@@ -8,6 +8,7 @@ import torch
 
 from diffumatting.models import prompting as P
 from diffumatting.models import unet_layout as U
+from support.unet_blend import blend
 
 
 # --- pure helpers --------------------------------------------------------------------------------------
@@ -50,11 +51,11 @@ def test_detect_layout_and_architecture():
 def test_blend_endpoints_exact():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, generator=g), torch.randn(50, generator=g)
-    assert torch.equal(U.blend(a, b, 0.0), a)
-    assert torch.equal(U.blend(a, b, 1.0), b)
-    assert torch.allclose(U.blend(a, b, 0.25), 0.75 * a + 0.25 * b, atol=1e-6)
+    assert torch.equal(blend(a, b, 0.0), a)
+    assert torch.equal(blend(a, b, 1.0), b)
+    assert torch.allclose(blend(a, b, 0.25), 0.75 * a + 0.25 * b, atol=1e-6)
     with pytest.raises(ValueError, match="outside 0..1"):
-        U.blend(a, b, 1.5)
+        blend(a, b, 1.5)
 
 
 # --- on the tiny checkpoint -----------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(comfy_host, tmp_path_factory, one_thread):
     import comfy.sd
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
@@ -78,7 +79,7 @@ def tiny(comfy_host, tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def finetune(comfy_host):
-    from diffumatting.training.tiny_checkpoint import tiny_unet_finetune
+    from support.tiny_sd15 import tiny_unet_finetune
 
     return tiny_unet_finetune(seed=5)
 
@@ -131,7 +132,7 @@ def test_strength_endpoints_and_base_untouched(tiny, finetune, tmp_path):
 
     half = _unet_weights(G.apply_unet(base, finetune, 0.5))
     for k in ("input_blocks.0.0.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight"):
-        expect = U.blend(before["diffusion_model." + k], finetune[k].float(), 0.5)
+        expect = blend(before["diffusion_model." + k], finetune[k].float(), 0.5)
         assert torch.allclose(half["diffusion_model." + k], expect, atol=1e-6)
 
     # Clones share the torch module; what matters is what the base patcher runs with once loaded.

@@ -44,7 +44,7 @@ def test_hex_and_guide_math():
 @pytest.fixture(scope="module")
 def tiny(comfy_host, tmp_path_factory):
     import comfy.sd
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

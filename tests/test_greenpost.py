@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffumatting.models.greenpost import GreenPostOptions, greenpost
-from diffumatting.models.metrics import foreground_error
+from support.metrics import foreground_error
 from diffumatting.models.synthetic import FLAT, REALISTIC, make_composite
 
 

@@ -18,7 +18,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(comfy_host, tmp_path_factory, one_thread):
     import comfy.sd
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint, write_random_lora
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint, write_random_lora
 
     folder = tmp_path_factory.getbasetemp() / "tiny_models"
     path = cached_tiny_sd15_checkpoint(folder)

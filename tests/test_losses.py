@@ -144,7 +144,7 @@ def test_capture_gradients_reach_q_and_k_only():
 def tiny_unet(comfy_host, tmp_path_factory):
     import comfy.sd
 
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
     model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False,
@@ -204,7 +204,7 @@ def test_gradient_checkpointing_same_gradients(comfy_host, tmp_path_factory):
 
     from diffumatting.training.attention import cross_attention_blocks
     from diffumatting.training.loop import enable_gradient_checkpointing
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
     unet = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False,

@@ -32,7 +32,7 @@ DDP_RTOL, DDP_ATOL = 1e-4, 1e-5
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(comfy_host, tmp_path_factory) -> Path:
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     return cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
 

@@ -1,1 +1,5 @@
-"""ComfyUI glue used by the trainer and the tests (may import ComfyUI, unlike models/)."""
+"""The headless trainer behind train.py: config (config.py), data (data.py), the two-stage loop (loop.py),
+green-attention capture (attention.py), checkpoints and resume (state.py), LoRA export (lora.py),
+multi-process setup (distributed.py), the tiny `--preset tiny` checkpoint (tiny_checkpoint.py) and the
+headless ComfyUI import (host.py). Unlike models/, it may import ComfyUI: the base model is built with
+ComfyUI's own loaders."""

@@ -36,7 +36,7 @@ def main() -> int:
     from diffumatting.models.green_canvas import background_weight, hex_to_rgb
     from diffumatting.nodes import generate as G
     from diffumatting.nodes.lora import LoraStack
-    from diffumatting.training.tiny_checkpoint import cached_tiny_sd15_checkpoint, write_random_lora
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint, write_random_lora
 
     tmp = Path(tempfile.mkdtemp(prefix="dm_bench_"))
     t0 = time.perf_counter()

@@ -48,10 +48,10 @@ def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch
     import torch
 
     torch.set_num_threads(threads)
-    sys.path.insert(0, str(ROOT))
-    import train
+    sys.path.append(str(ROOT))
+    import _package
 
-    train._register_package()
+    _package.register()
     from diffumatting.training import config as C
     from diffumatting.training.distributed import Dist
     from diffumatting.training.loop import Trainer
@@ -136,7 +136,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="dm_bench_ckpt_") as tmp:
         ckpt = Path(tmp) / "tiny_sd15.safetensors"
-        build = ("import sys; sys.path.insert(0, %r); import train; train._register_package();"
+        build = ("import sys; sys.path.append(%r); import _package; _package.register();"
                  "from diffumatting.training.host import import_comfy; import_comfy();"
                  "from diffumatting.training.tiny_checkpoint import build_tiny_sd15_checkpoint;"
                  "build_tiny_sd15_checkpoint(%r)") % (str(ROOT), str(ckpt))

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_path
-from .synthetic import REALISTIC, make_composite
+from diffumatting.models.atomic import atomic_path
+from diffumatting.models.synthetic import REALISTIC, make_composite
 
 
 def write_green_sample(path: str | Path, size: int = 512, seed: int = 3) -> Path:

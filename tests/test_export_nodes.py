@@ -10,19 +10,19 @@ from PIL import Image
 
 
 @pytest.fixture()
-def io_nodes(comfy_host, tmp_path, monkeypatch):
+def export_nodes(comfy_host, tmp_path, monkeypatch):
     import folder_paths
 
     out = tmp_path / "output"
     out.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    from diffumatting.nodes import io as io_nodes
+    from diffumatting.nodes import export as export_nodes
 
-    return io_nodes, out
+    return export_nodes, out
 
 
-def test_save_batch_straight_alpha_and_counter(io_nodes):
-    nodes, out = io_nodes
+def test_save_batch_straight_alpha_and_counter(export_nodes):
+    nodes, out = export_nodes
     rgb = torch.rand(2, 6, 9, 3)
     alpha = torch.linspace(0, 1, 9).expand(2, 6, 9).contiguous()
     res = nodes.SaveRGBA.execute(rgb, filename_prefix="set/obj", alpha=alpha)
@@ -38,8 +38,8 @@ def test_save_batch_straight_alpha_and_counter(io_nodes):
     assert (out / "set" / "obj_00003_.png").is_file()
 
 
-def test_save_trim_and_matte(io_nodes):
-    nodes, out = io_nodes
+def test_save_trim_and_matte(export_nodes):
+    nodes, out = export_nodes
     rgba = torch.zeros(1, 20, 30, 4)
     rgba[0, 5:10, 10:14] = 1.0
     nodes.SaveRGBA.execute(rgba, filename_prefix="trimmed", trim=True, padding=2, save_matte=True)
@@ -49,9 +49,9 @@ def test_save_trim_and_matte(io_nodes):
     assert matte.mode in ("L", "I;16") and matte.size == img.size
 
 
-def test_save_failure_leaves_no_half_written_batch(io_nodes, monkeypatch):
-    nodes, out = io_nodes
-    import diffumatting.nodes.io as mod
+def test_save_failure_leaves_no_half_written_batch(export_nodes, monkeypatch):
+    nodes, out = export_nodes
+    import diffumatting.nodes.export as mod
 
     calls = {"n": 0}
     real = mod.encode_png
@@ -69,8 +69,8 @@ def test_save_failure_leaves_no_half_written_batch(io_nodes, monkeypatch):
 
 
 @pytest.mark.parametrize("prefix", ["../x", "/etc/x", "a/../../x", "", "  "])
-def test_save_prefix_escape_refused(io_nodes, prefix):
-    nodes, out = io_nodes
+def test_save_prefix_escape_refused(export_nodes, prefix):
+    nodes, out = export_nodes
     msg = nodes.SaveRGBA.validate_inputs(filename_prefix=prefix)
     assert isinstance(msg, str) and "filename_prefix" in msg
     with pytest.raises(ValueError, match="filename_prefix"):
@@ -78,8 +78,8 @@ def test_save_prefix_escape_refused(io_nodes, prefix):
     assert list(out.iterdir()) == []
 
 
-def test_save_refuses_symlink_escape(io_nodes, tmp_path):
-    nodes, out = io_nodes
+def test_save_refuses_symlink_escape(export_nodes, tmp_path):
+    nodes, out = export_nodes
     outside = tmp_path / "outside"
     outside.mkdir()
     os.symlink(outside, out / "link")
@@ -88,8 +88,8 @@ def test_save_refuses_symlink_escape(io_nodes, tmp_path):
     assert list(outside.iterdir()) == []
 
 
-def test_preview_backdrops(io_nodes):
-    nodes, _ = io_nodes
+def test_preview_backdrops(export_nodes):
+    nodes, _ = export_nodes
     rgba = torch.zeros(1, 32, 32, 4)
     rgba[..., 0] = 1.0
     rgba[0, :16, :, 3] = 1.0
@@ -105,8 +105,8 @@ def test_preview_backdrops(io_nodes):
     assert "#RRGGBB" in nodes.PreviewRGBA.validate_inputs(color="blue")
 
 
-def test_join_split_nodes_interoperate_with_core(io_nodes):
-    nodes, _ = io_nodes
+def test_join_split_nodes_interoperate_with_core(export_nodes):
+    nodes, _ = export_nodes
     from comfy_extras.nodes_compositing import JoinImageWithAlpha, SplitImageWithAlpha
 
     rgb = torch.rand(1, 5, 5, 3)

@@ -12,7 +12,7 @@ from enum import Enum
 import torch
 from comfy_api.latest import io, ui
 
-from ..models import alpha as A
+from ..models.alpha import checkerboard, join_alpha, over, parse_hex_color, split_alpha, trim_to_alpha
 from ..models.atomic import write_all_atomic
 from ..models.png import encode_png
 from ._schema import CATEGORY, enum_options, schema
@@ -124,7 +124,7 @@ class SaveRGBA(io.ComfyNode):
 
         output_dir = folder_paths.get_output_directory()
         prefix = _resolve_output_path(filename_prefix, output_dir)
-        rgba = A.join_alpha(image.float().cpu(), alpha, transparency_mask)
+        rgba = join_alpha(image.float().cpu(), alpha, transparency_mask)
         bits = int(BitDepth(str(bit_depth)).value)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             prefix, output_dir, rgba.shape[2], rgba.shape[1])
@@ -132,7 +132,7 @@ class SaveRGBA(io.ComfyNode):
         files, results = [], []
         for i, item in enumerate(rgba):
             if trim:
-                item = A.trim_to_alpha(item, padding=int(padding))
+                item = trim_to_alpha(item, padding=int(padding))
             stem = f"{name.replace('%batch_num%', str(i))}_{counter + i:05}_"
             files.append((os.path.join(folder, stem + ".png"), encode_png(item.numpy(), bits, text)))
             results.append(ui.SavedResult(stem + ".png", subfolder, io.FolderType.output))
@@ -176,7 +176,7 @@ class PreviewRGBA(io.ComfyNode):
     def validate_inputs(cls, color=None, **_):
         if color is not None:
             try:
-                A.parse_hex_color(color)
+                parse_hex_color(color)
             except ValueError as e:
                 return str(e)
         return True
@@ -184,14 +184,14 @@ class PreviewRGBA(io.ComfyNode):
     @classmethod
     def execute(cls, image, backdrop="checkerboard", color="#202020", cell=16, alpha=None,
                 transparency_mask=None) -> io.NodeOutput:
-        rgba = A.join_alpha(image.float(), alpha, transparency_mask)
+        rgba = join_alpha(image.float(), alpha, transparency_mask)
         mode = Backdrop(str(backdrop))
         if mode is Backdrop.TRANSPARENT:
             out = rgba
         elif mode is Backdrop.COLOR:
-            out = A.over(rgba, torch.tensor(A.parse_hex_color(color)))
+            out = over(rgba, torch.tensor(parse_hex_color(color)))
         else:
-            out = A.over(rgba, A.checkerboard(rgba.shape[1], rgba.shape[2], int(cell), device=rgba.device))
+            out = over(rgba, checkerboard(rgba.shape[1], rgba.shape[2], int(cell), device=rgba.device))
         out = out.cpu()
         return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))
 
@@ -221,7 +221,7 @@ class JoinAlpha(io.ComfyNode):
         if alpha is None and transparency_mask is None:
             raise ValueError("Join Image + Alpha needs `alpha` (1 = opaque) or `transparency_mask` "
                              "(1 = transparent, from LoadImage); connect one of them")
-        return io.NodeOutput(A.join_alpha(image, alpha, transparency_mask))
+        return io.NodeOutput(join_alpha(image, alpha, transparency_mask))
 
 
 class SplitAlpha(io.ComfyNode):
@@ -244,7 +244,7 @@ class SplitAlpha(io.ComfyNode):
 
     @classmethod
     def execute(cls, image) -> io.NodeOutput:
-        return io.NodeOutput(*A.split_alpha(image))
+        return io.NodeOutput(*split_alpha(image))
 
 
 NODES = [SaveRGBA, PreviewRGBA, JoinAlpha, SplitAlpha]

@@ -1,4 +1,5 @@
-"""Matting metrics, as defined by the DIM / alphamatting.com evaluation code.
+"""Matting metrics, as defined by the DIM / alphamatting.com evaluation code (test and benchmark support;
+not part of the pack).
 
 Every function takes float arrays in [0, 1] (alpha HxW, colour HxWx3) and an optional `region`
 (HxW bool, e.g. `trimap == 128`, the unknown band): the sum or mean runs over the region, or over the
@@ -11,7 +12,7 @@ whole image when `region` is None. Sums are divided by 1000 as the reference cod
 - foreground_error: alpha-weighted MEAN ABSOLUTE error of the straight foreground colour,
   sum_{gt > 0} gt * mean_c |F - F_gt| / sum_{gt > 0} gt (over the region when given).
 
-numpy + OpenCV only (no scipy), so the pack's users need nothing extra.
+numpy + OpenCV only.
 """
 from __future__ import annotations
 
@@ -122,11 +123,11 @@ def foreground_error(pred_fg: np.ndarray, gt_fg: np.ndarray, gt_alpha: np.ndarra
 def all_metrics(pred: np.ndarray, gt: np.ndarray, unknown: np.ndarray | None = None,
                 pred_fg: np.ndarray | None = None, gt_fg: np.ndarray | None = None) -> dict[str, float]:
     """The benchmark's set: SAD, gradient and connectivity over the whole image (a keyer must keep the
-    backing clean too), MSE over `unknown` (the trimap's band; whole image when None), and the
+    backing clean too), SAD (`sad_unk`) and MSE over `unknown` (the trimap's band; whole image when None), and the
     foreground errors when both foregrounds are given: `fg` where gt > 0, `fg_edge` only where 0 < gt < 1
     (the transition, where keyers differ; inside, the photo's own noise dominates `fg`)."""
-    out = {"sad": sad(pred, gt), "mse": mse(pred, gt, unknown), "grad": gradient_error(pred, gt),
-           "conn": connectivity_error(pred, gt)}
+    out = {"sad": sad(pred, gt), "sad_unk": sad(pred, gt, unknown), "mse": mse(pred, gt, unknown),
+           "grad": gradient_error(pred, gt), "conn": connectivity_error(pred, gt)}
     if pred_fg is not None and gt_fg is not None:
         out["fg"] = foreground_error(pred_fg, gt_fg, gt)
         g = np.asarray(gt)
