@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))
+import _package  # noqa: E402  the pack as `diffumatting` (see _package.py)
 
-import conftest  # noqa: E402,F401  registers the pack as `diffumatting`
+_package.register()
 
 from diffumatting.models.green_canvas import CanvasMode, GreenCanvasGuide, hex_to_rgb  # noqa: E402
 
