@@ -266,9 +266,10 @@ def test_schema_documents_every_socket(M):
 @pytest.mark.server
 def test_txt2img_matting_workflow_writes_rgba_png(comfy_server, server_models):
     from PIL import Image
+    from fixtures_host import shrink_for_tiny
 
     assert server_models["matting_head"] == TINY_HEAD_NAME
-    workflow = json.loads((ROOT / "workflows" / "txt2img_matting.json").read_text())
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_sd15_diffumatting.json").read_text()))
     entry = comfy_server.run_workflow(workflow, timeout=600)
     files = comfy_server.output_files(entry)
     pngs = [Image.open(f) for f in files]
