@@ -149,3 +149,29 @@ def test_oracle_follow_meets_targets_on_two_placements():
         assert bg <= 0.05 and obj <= 0.02, (name, bg, obj)
         ebg, eobj = O.measure(O.ELLIPSE_FULL, table, sigmas, mu01, mask)
         assert eobj > 0.1, f"{name}: the fixed ellipse guided to the end paints over the object ({eobj})"
+
+
+def test_flux_16_channel_latents(comfy_host):
+    """Flux's latent space (16 channels, its own shift and scale): the key colour's latent through a real
+    16-channel KL VAE of ComfyUI's classes and Flux's latent format, then the follow guide on 16 channels."""
+    from types import SimpleNamespace
+
+    import comfy.latent_formats
+    import comfy.sd
+    from matting_fixtures import kl_ddconfig, random_vae_state_dict
+    from diffumatting.nodes import generate as G
+
+    dd = {**kl_ddconfig(ch=32, ch_mult=(1, 2, 2, 2)), "z_channels": 16}
+    vae = comfy.sd.VAE(sd=random_vae_state_dict(dd, seed=3), config={"params": {"ddconfig": dd, "embed_dim": 16}})
+    flux = comfy.latent_formats.Flux()
+    key = G.key_colour_latent(vae, SimpleNamespace(model=SimpleNamespace(process_latent_in=flux.process_in)),
+                              gc.hex_to_rgb(KEY))
+    assert key.shape == (16,) and torch.isfinite(key).all()
+    den = key.view(1, 16, 1, 1).repeat(1, 1, 16, 16) + 0.3  # a backing off the key colour
+    den[:, :, 4:12, 5:9] = -2.0  # the object
+    out = gc.GreenCanvasGuide(key, 1.0, 0.0, None, gc.CanvasMode.FOLLOW)({"denoised": den,
+                                                                          "sigma": torch.tensor([1.0])})
+    assert torch.equal(out[:, :, 4:12, 5:9], den[:, :, 4:12, 5:9])
+    assert torch.allclose(out[0, :, 0, 0], key, atol=1e-6)
+    with pytest.raises(ValueError, match="16 channels"):
+        gc.guide_denoised(den[:, :4], key, torch.ones(16, 16), 1.0)
