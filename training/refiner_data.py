@@ -17,7 +17,8 @@ How a sample is made (all arrays float32, colour HxWx3 and alpha HxW in 0..1):
 4. Motion blur and defocus blur the object's premultiplied colour and its alpha with the same kernel,
    so the compositing equation still holds for the blurred object.
 5. Lens vignetting and the camera's white balance scale F and B alike (they multiply the light).
-6. image = alpha * fg + (1 - alpha) * backing, exactly, on the returned arrays.
+6. image = alpha * fg + (1 - alpha) * backing, exactly, on the returned arrays (or, with light="linear",
+   the same mix in linear light, sRGB-encoded).
 7. Camera (skipped with camera_effects=False): lateral chromatic aberration, slight lens blur,
    channel-correlated signal-dependent sensor noise, Bayer demosaicing, sharpening halos, 8-bit
    quantisation and JPEG with 4:2:0 chroma subsampling. Each is drawn with its own probability.
@@ -42,6 +43,9 @@ KINDS = ("hair", "fur", "wire", "mesh", "foliage", "glass", "smoke", "motion", "
 KIND_WEIGHTS = np.array([3, 2, 1, 1, 1.5, 1, 1, 1.5, 1, 1.5, 1.5], np.float64)
 EXTRAS = ("wire", "solid", "text", "smoke")  # what may share the shot with the main object
 EXTRA_P = 0.25
+MOTION_BASES = ("solid", "hair", "fur", "wire", "text", "foliage", "greenish")  # what moves in "motion"
+LIGHTS = ("display", "linear")  # where object and backing are mixed (see make_sample)
+MIN_COVER = 0.005  # an object covering less of the frame than this is drawn again
 MIN_SIZE, MAX_SIZE = 32, 2048
 
 
@@ -199,6 +203,31 @@ def _demosaic(img: np.ndarray, code: int) -> np.ndarray:
     return cv2.cvtColor(bayer, code).astype(np.float32) / 255.0
 
 
+def sensor_noise(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Signal-dependent noise (read noise plus shot noise growing with the light), correlated across the
+    channels as demosaicing makes it, sometimes spatially coarser too. Returns the noisy image."""
+    read, shot = rng.uniform(0.002, 0.015), rng.uniform(0.0, 0.02)
+    sigma = np.sqrt(read * read + shot * shot * img)
+    shared = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
+    own = rng.standard_normal(img.shape, dtype=np.float32)
+    rho = rng.uniform(0.3, 0.85)
+    n = rho * shared + math.sqrt(1 - rho * rho) * own
+    if rng.random() < 0.5:
+        n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.4, 0.8))
+        n /= max(float(n.std()), 1e-6)
+    return img + sigma * n
+
+
+def jpeg_420(img: np.ndarray, quality: int) -> np.ndarray:
+    """Round trip through an 8-bit JPEG with 4:2:0 chroma subsampling (what most cameras write)."""
+    u8 = (np.clip(img[..., ::-1], 0, 1) * 255 + 0.5).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(quality), cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed at quality {quality}")
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255.0
+
+
 def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     """What a camera adds to the light: lens blur and chromatic aberration, channel-correlated
     signal-dependent sensor noise, demosaicing, sharpening, 8-bit quantisation, JPEG with 4:2:0 chroma."""
@@ -208,32 +237,29 @@ def camera(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     if rng.random() < 0.6:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.8))
     if rng.random() < 0.9:
-        read, shot = rng.uniform(0.002, 0.015), rng.uniform(0.0, 0.02)
-        sigma = np.sqrt(read * read + shot * shot * img)
-        shared = rng.standard_normal(img.shape[:2], dtype=np.float32)[..., None]
-        own = rng.standard_normal(img.shape, dtype=np.float32)
-        rho = rng.uniform(0.3, 0.85)  # demosaicing correlates the channels' noise
-        n = rho * shared + math.sqrt(1 - rho * rho) * own
-        if rng.random() < 0.5:  # and makes it spatially coarser
-            n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.4, 0.8))
-            n /= max(float(n.std()), 1e-6)
-        img = img + sigma * n
+        img = sensor_noise(rng, img)
     if rng.random() < 0.25:
         img = _demosaic(img, int(rng.choice(DEMOSAIC)))
     if rng.random() < 0.4:  # in-camera sharpening: halos along edges
         img = img + rng.uniform(0.2, 0.8) * (img - cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 2.0)))
     img = np.clip(img, 0.0, 1.0)
     if rng.random() < 0.75:
-        q = int(rng.integers(60, 99))
-        u8 = (img[..., ::-1] * 255 + 0.5).astype(np.uint8)
-        ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed at quality {q}")
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float32) / 255.0
+        img = jpeg_420(img, int(rng.integers(60, 99)))
     elif rng.random() < 0.9:
         img = np.round(img * 255) / 255
     return np.ascontiguousarray(img, dtype=np.float32)
+
+
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in 0..1 to linear light (IEC 61966-2-1)."""
+    x = np.asarray(x, np.float32)
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """Linear light in 0..1 to sRGB-encoded values (IEC 61966-2-1)."""
+    x = np.clip(np.asarray(x, np.float32), 0.0, 1.0)
+    return np.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- API
@@ -251,34 +277,40 @@ def _check(seed, size) -> tuple[int, int]:
 
 
 def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
-                kind: str | None = None) -> dict:
+                kind: str | None = None, light: str = "display") -> dict:
     """One training sample (see the module docstring). size: side in pixels, or (height, width).
     Returns float32 arrays `image` (H, W, 3), `alpha` (H, W), `fg` (H, W, 3), `backing` (H, W, 3), and
     `kind` (str).
 
     camera_effects=False returns the clean photo, for which image == alpha*fg + (1-alpha)*backing up to
     float rounding; with True (the default) the camera's effects follow, everything else is identical.
-    kind forces one of KINDS (default: drawn from the seed with KIND_WEIGHTS)."""
+    kind forces one of KINDS (default: drawn from the seed with KIND_WEIGHTS).
+    light="linear" mixes object and backing in linear light, as a lens and sensor do, and sRGB-encodes
+    the photo: then srgb_to_linear(image) == alpha*srgb_to_linear(fg) + (1-alpha)*srgb_to_linear(backing)
+    before the camera effects; alpha, fg and backing are the same arrays as with "display" (the default,
+    the compositing of matting benchmarks: image == alpha*fg + (1-alpha)*backing on the encoded values)."""
     h, w = _check(seed, size)
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected None or one of {', '.join(KINDS)}")
+    if light not in LIGHTS:
+        raise ValueError(f"light={light!r}: expected one of {', '.join(LIGHTS)}")
     r_kind, r_obj, r_back, r_cam = (np.random.default_rng(s)
                                     for s in np.random.SeedSequence([int(seed), STREAM_TAG]).spawn(4))
     picked = str(r_kind.choice(KINDS, p=KIND_WEIGHTS / KIND_WEIGHTS.sum()))
     kind = kind or picked
     backing, key, hue = make_backing(r_back, h, w)
     ctx = Ctx(rng=r_obj, h=h, w=w, key=key, key_hue=hue)
-    if kind == "motion":
-        base = str(r_obj.choice(("solid", "hair", "fur", "wire", "text", "foliage", "greenish")))
+    base = str(r_obj.choice(MOTION_BASES)) if kind == "motion" else kind
+    for _ in range(8):  # an object that missed the frame is drawn again (from the same stream)
         alpha, premult = KIND_BUILDERS[base](ctx)
-    else:
-        alpha, premult = KIND_BUILDERS[kind](ctx)
-        if r_obj.random() < EXTRA_P:  # a second, simpler thing in the shot, in front or behind
-            a2, p2 = KIND_BUILDERS[str(r_obj.choice(EXTRAS))](ctx)
-            if r_obj.random() < 0.5:
-                alpha, premult, a2, p2 = a2, p2, alpha, premult
-            premult = premult + p2 * (1 - alpha[..., None])
-            alpha = alpha + a2 * (1 - alpha)
+        if float(alpha.sum()) >= MIN_COVER * h * w:
+            break
+    if kind != "motion" and r_obj.random() < EXTRA_P:  # a second, simpler thing in the shot
+        a2, p2 = KIND_BUILDERS[str(r_obj.choice(EXTRAS))](ctx)
+        if r_obj.random() < 0.5:  # in front or behind
+            alpha, premult, a2, p2 = a2, p2, alpha, premult
+        premult = premult + p2 * (1 - alpha[..., None])
+        alpha = alpha + a2 * (1 - alpha)
     backing = backing * contact_shadow(r_back, alpha)[..., None]
     premult = apply_spill(r_obj, alpha, premult, backing)
     if kind == "motion":
@@ -295,19 +327,23 @@ def make_sample(seed: int, size: int | tuple[int, int] = 256, *, camera_effects:
     premult = premult * scale
     alpha = np.where(alpha < 1e-6, 0.0, np.where(alpha > 1 - 1e-6, 1.0, alpha)).astype(np.float32)
     fg = fill_foreground(alpha, premult)
-    image = (alpha[..., None] * fg + (1 - alpha[..., None]) * backing).astype(np.float32)
+    a = alpha[..., None]
+    if light == "linear":
+        image = linear_to_srgb(a * srgb_to_linear(fg) + (1 - a) * srgb_to_linear(backing))
+    else:
+        image = (a * fg + (1 - a) * backing).astype(np.float32)
     if camera_effects:
         image = camera(r_cam, image)
     return {"image": image, "alpha": alpha, "fg": fg, "backing": backing, "kind": kind}
 
 
 def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = 256, *, camera_effects: bool = True,
-               to_tensor: Callable | None = None) -> dict:
+               light: str = "display", to_tensor: Callable | None = None) -> dict:
     """Samples for `seeds`, stacked: image/fg/backing (N, H, W, 3), alpha (N, H, W), kind list[str].
     to_tensor (e.g. torch.from_numpy) is applied to each stacked array when given."""
     if len(seeds) == 0:
         raise ValueError("seeds is empty: expected at least one seed")
-    samples = [make_sample(int(s), size, camera_effects=camera_effects) for s in seeds]
+    samples = [make_sample(int(s), size, camera_effects=camera_effects, light=light) for s in seeds]
     out = {}
     for name in ("image", "alpha", "fg", "backing"):
         arr = np.stack([s[name] for s in samples])

@@ -232,23 +232,22 @@ def mesh(ctx: Ctx) -> tuple[np.ndarray, np.ndarray]:
     pitch = r.uniform(3, 0.1 * m + 4)
     width = float(np.exp(r.uniform(np.log(0.3), np.log(min(3.0, pitch * 0.3)))))
     n = int(2 * m / pitch) + 4
-    v = np.linspace(-0.5 * m, 1.5 * m, 48)
+    v = np.linspace(-1.0 * m, 1.0 * m, 64)
     lines = []
-    skew = r.uniform(30, 90) if r.random() < 0.5 else 90.0
-    for fam, rot in ((0, 0.0), (1, skew)):
+    skew = math.radians(r.uniform(30, 90) if r.random() < 0.5 else 90.0)
+    for rot in (0.0, skew):  # two families of parallel strings, crossing at `skew`
         for i in range(n):
             u = (i - n / 2) * pitch
-            x = u + r.uniform(0, 0.03 * m) * np.sin(v / m * r.uniform(2, 8) + r.uniform(0, 6))
-            th = math.radians(rot)
-            pts = np.stack([x * math.cos(th) - v * math.sin(th), x * math.sin(th) + v * math.cos(th)], 1)
-            lines.append(pts)
+            lines.append(np.stack([u * math.cos(rot) - v * math.sin(rot), u * math.sin(rot) + v * math.cos(rot)], 1))
     pts = np.stack(lines)
-    # a random perspective-ish warp of the whole net
+    # the whole net: rotated, sagging (one smooth displacement field for every string), foreshortened
     ang = r.uniform(0, np.pi)
-    c, s = math.cos(ang), math.sin(ang)
-    rot = np.array([[c, -s], [s, c]]) * r.uniform(0.7, 1.3)
-    pts = pts @ rot.T + np.array([ctx.w, ctx.h]) / 2
-    pts = pts * (1 + r.uniform(-0.3, 0.3) * (pts[..., 1:2] / m - 0.5))
+    c, s_ = math.cos(ang), math.sin(ang)
+    pts = pts @ (np.array([[c, -s_], [s_, c]]) * r.uniform(0.7, 1.3)).T
+    amp, k = r.uniform(0, 0.05 * m), r.uniform(0.5, 3.0) * 2 * np.pi / m
+    phase = r.uniform(0, 2 * np.pi, 2)
+    pts = pts + amp * np.stack([np.sin(pts[..., 1] * k + phase[0]), np.sin(pts[..., 0] * k + phase[1])], -1)
+    pts = pts * (1 + r.uniform(-0.3, 0.3) * pts[..., 1:2] / m) + np.array([ctx.w, ctx.h]) / 2
     a = Cover(ctx.h, ctx.w).lines(pts, width).alpha()
     if r.random() < 0.7:  # only a region of the frame holds the net
         region = Cover(ctx.h, ctx.w).fill([blob(r, ctx.point(0.1), r.uniform(0.3, 0.7) * m, rough=0.15)]).alpha()
