@@ -140,7 +140,10 @@ def key_file(path: Path, out_dir: Path, options) -> Path:
         im = ImageOps.exif_transpose(im)
         has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
         arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), np.float32) / 255.0
-    fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options)
+    warnings = []
+    fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options, warnings=warnings)
+    for msg in warnings:
+        sys.stderr.write(f"\nwarning: {path.name}: {msg}\n")
     rgba = torch.cat([fg[0], alpha[0, ..., None]], -1).clamp(0, 1).numpy()
     out = out_dir / f"{path.stem}.png"
     with atomic_path(out, suffix=".png") as tmp:

@@ -147,18 +147,29 @@ def _excess(x: torch.Tensor, p: int, o: list[int]) -> torch.Tensor:
 
 
 def estimate_key_color(rgb: torch.Tensor) -> torch.Tensor:
-    """Auto key: median colour of the clearly green-dominant pixels. rgb: (3, H, W) -> (3,)."""
-    x = rgb[None]
-    f = 1
-    while max(x.shape[-2:]) / f > 256:
-        f *= 2
-    small = _pool(x, f)[0].reshape(3, -1)
-    e = small[1] - torch.maximum(small[0], small[2])
-    strong = e.quantile(0.98) if e.numel() > 1 else e.max()
-    sel = e > torch.clamp(0.5 * strong, min=0.04)
-    if int(sel.sum()) == 0:
+    """Auto key: the backing's colour, green, blue or red. The dominant channel is the one that clearly
+    dominates most cells on the image border (where a backing almost always shows; over the whole image
+    when no border cell has a dominant channel); the key is the median colour of the cells it clearly
+    dominates. rgb: (3, H, W) -> (3,)."""
+    hwc = rgb.permute(1, 2, 0)
+    H, W = hwc.shape[:2]
+    f = _grid_factor(H, W, 256)
+    small = torch.cat([_pool(_rows(hwc, y0, y1), f) for y0, y1 in _bands(H, W, f)], 2)[0]
+    border = torch.zeros(small.shape[-2:], dtype=torch.bool, device=rgb.device)
+    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
+    small, border = small.reshape(3, -1), border.reshape(-1)
+    best = None
+    for c in (1, 2, 0):  # green first: it wins ties
+        o = [k for k in range(3) if k != c]
+        e = small[c] - torch.maximum(small[o[0]], small[o[1]])
+        strong = e.quantile(0.98) if e.numel() > 1 else e.max()
+        sel = e > torch.clamp(0.5 * strong, min=0.04)
+        score = (int((sel & border).sum()), int(sel.sum()))
+        if score[1] > 0 and (best is None or score > best[0]):
+            best = (score, sel)
+    if best is None:
         return torch.tensor([0.1, 0.7, 0.2], device=rgb.device)
-    return small[:, sel].median(dim=1).values
+    return small[:, best[1]].median(dim=1).values
 
 
 def _solve3(S: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -200,97 +211,170 @@ def _grid_factor(H: int, W: int, target: int) -> int:
     return f
 
 
-def _noise_var(x: torch.Tensor, bg: torch.Tensor, B_low: torch.Tensor) -> torch.Tensor:
+BAND_PIXELS = 1 << 20  # full-resolution work runs in row bands of about this many pixels (bounds memory)
+REACH = 1 / 100  # solid interior / clean backing: this fraction of the short side from any doubt
+CLEAN_SIGMAS = 4.0     # a pixel this many noise deviations off the backing plate is not clean backing
+
+
+def _noise_var(xs: torch.Tensor, ms: torch.Tensor, B_low: torch.Tensor) -> torch.Tensor:
     """Per-channel noise variance on the backing: median squared residual to the plate / chi2(1) median,
-    on a strided subsample (at most ~65k pixels)."""
-    H, W = x.shape[-2:]
-    s = max(1, int(math.sqrt(H * W / 65536)))
-    xs = x[..., ::s, ::s]
-    ms = bg[..., ::s, ::s].reshape(-1)
-    r2 = ((xs - _up(B_low, tuple(xs.shape[-2:]))) ** 2).reshape(3, -1)[:, ms > 0]
+    on a strided subsample xs (1, 3, hs, ws) of the image with its sure-backing mask ms (1, 1, hs, ws)."""
+    r2 = ((xs - _up(B_low, tuple(xs.shape[-2:]))) ** 2).reshape(3, -1)[:, ms.reshape(-1) > 0]
     if r2.shape[1] < 16:
-        return torch.full((3,), 1e-4, device=x.device)
+        return torch.full((3,), 1e-4, device=xs.device)
     return (r2.median(dim=1).values / 0.4549).clamp(1e-6, 0.05)
+
+
+def _up_rows(low: torch.Tensor, size: tuple[int, int], y0: int, y1: int) -> torch.Tensor:
+    """Rows y0..y1-1 of `_up(low, size)` (bilinear, align_corners=False), computed from the coarse rows they
+    need only, so a band of a large image costs a band's memory and equals the whole-image upsampling."""
+    H, W = size
+    h = low.shape[-2]
+    ys = ((torch.arange(y0, y1, device=low.device, dtype=torch.float64) + 0.5) * (h / H) - 0.5).clamp_(min=0)
+    i0 = ys.floor().long().clamp_(max=h - 1)
+    i1 = (i0 + 1).clamp_(max=h - 1)
+    lam = (ys - i0).clamp_(0, 1).float().view(1, 1, -1, 1)
+    r0, r1 = int(i0[0]), int(i1[-1]) + 1
+    rows = F.interpolate(low[:, :, r0:r1], size=(r1 - r0, W), mode="bilinear", align_corners=False)
+    return torch.lerp(rows[:, :, i0 - r0], rows[:, :, i1 - r0], lam)
+
+
+def _bands(H: int, W: int, align: int):
+    """Row ranges covering 0..H, each a multiple of `align` rows (but the last) and about BAND_PIXELS."""
+    step = max(align, (BAND_PIXELS // max(W, 1)) // align * align)
+    return [(y, min(H, y + step)) for y in range(0, H, step)]
+
+
+def _rows(rgb: torch.Tensor, y0: int, y1: int) -> torch.Tensor:
+    """Rows of an (H, W, 3) image as a contiguous (1, 3, h, W) float32 tensor, clamped to [0, 1]."""
+    return rgb[y0:y1].permute(2, 0, 1)[None].float().clamp(0, 1)
 
 
 @dataclass
 class KeyFields:
-    """Everything the classical key of one image computed, for consumers that refine it (models/refiner.py).
+    """Everything the classical key of one image (or of a band of its rows) computed, for consumers that
+    refine it (models/refiner.py).
 
-    Full-resolution fields are (1, C, H, W) float32; the alpha-uncertainty scales live on the coarse grid
-    (block size `grid_factor`); upsample them with `scales_at`."""
+    Full-resolution fields are (1, C, h, W) float32 for the rows row0..row0+h-1 of an image of
+    `image_size`; the alpha-uncertainty scales live on the whole image's coarse grid (block size
+    `grid_factor`); upsample them with `scales_at`."""
 
     key: torch.Tensor        # (3,) key colour used
-    backing: torch.Tensor    # (1, 3, H, W) backing plate B, filled under the object
-    alpha: torch.Tensor      # (1, 1, H, W) classical alpha in [0, 1] (after prior blend and matte levels)
-    prior_fg: torch.Tensor   # (1, 3, H, W) local object colour F0 (foreground prior)
-    fg: torch.Tensor         # (1, 3, H, W) straight foreground, spill removed
+    backing: torch.Tensor    # (1, 3, h, W) backing plate B, filled under the object
+    alpha: torch.Tensor      # (1, 1, h, W) final alpha in [0, 1] (after refinement and matte levels)
+    prior_fg: torch.Tensor   # (1, 3, h, W) local object colour F0 (foreground prior)
+    fg: torch.Tensor | None  # (1, 3, h, W) straight foreground, spill removed (None while refining)
     noise_std: torch.Tensor  # (3,) per-channel noise deviation measured on the backing
-    sig0_low: torch.Tensor   # (1, 1, h, w) alpha noise deviation near alpha 0 (photo noise only)
-    sig1_low: torch.Tensor   # (1, 1, h, w) near alpha 1 (plus object texture) = 1 / colour separation
+    sig0_low: torch.Tensor   # (1, 1, gh, gw) alpha noise deviation near alpha 0 (photo noise only)
+    sig1_low: torch.Tensor   # (1, 1, gh, gw) near alpha 1 (plus object texture) = 1 / colour separation
     grid_factor: int
+    classical_alpha: torch.Tensor | None = None  # (1, 1, h, W) before refinement and matte levels
+    row0: int = 0                                # first image row these fields cover
+    image_size: tuple[int, int] | None = None    # (H, W) of the whole image (None: the fields' own size)
 
     def scales_at(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sig0, sig1) upsampled to `size`, each (1, 1, H, W)."""
+        """(sig0, sig1) upsampled to `size` (the whole image's), each (1, 1, H, W)."""
         up = _up(torch.cat([self.sig0_low, self.sig1_low], 1), size)
         return up[:, 0:1], up[:, 1:2]
 
 
-def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key one image. rgb: (3, H, W) float32; prior: (H, W) or None. Returns fg (3, H, W), alpha (H, W)."""
-    kf = key_fields(rgb, prior, opt)
-    return kf.fg[0], kf.alpha[0, 0]
+@dataclass
+class _Plan:
+    """The coarse fields of one image, computed once (two streaming passes over row bands)."""
+
+    size: tuple[int, int]
+    f: int
+    key: torch.Tensor
+    p: int
+    o: list[int]
+    e_key: float
+    B_low: torch.Tensor     # (1, 3, gh, gw)
+    var_n: torch.Tensor     # (3,)
+    low: torch.Tensor       # (1, 14, gh, gw): wn, wB, F0, lo, inv_range, c1, inv_e, sig1, opaque, clean
+    sig0: torch.Tensor
+    sig1: torch.Tensor
 
 
-def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> KeyFields:
-    """Classical key of one image with its intermediate fields. rgb: (3, H, W) float32; prior: (H, W) or None."""
-    H, W = rgb.shape[-2:]
-    size = (H, W)
+def _screen(x: torch.Tensor, p: int, o: list[int], e_key: float, kp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key-colour excess, brightness-invariant screen-ness: 1 on the key at any brightness, <= 0 without
+    key excess)."""
+    e_img = _excess(x, p, o)
+    return e_img, e_img / x[:, p:p + 1].mul(e_key / kp).clamp_min(0.15 * e_key)
+
+
+def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) -> _Plan:
+    """rgb: (H, W, 3); prior: (H, W) or None."""
+    H, W = rgb.shape[:2]
     dev = rgb.device
-    x = rgb[None]  # (1, 3, H, W)
     f = _grid_factor(H, W, GRID)
-
+    bands = _bands(H, W, f)
     key = (torch.tensor(opt.key_color, dtype=torch.float32, device=dev) if opt.key_color is not None
-           else estimate_key_color(rgb))
+           else estimate_key_color(rgb.permute(2, 0, 1)))
     p, o = _dominant(key)
     e_key = float(_excess(key.view(1, 3, 1, 1), p, o).clamp_min(1e-3))
     kp = float(key[p].clamp_min(1e-3))
+    s = max(1, int(math.sqrt(H * W / 65536)))  # stride of the noise subsample
 
-    # 1. brightness-invariant screen-ness: 1 on the key at any brightness, <= 0 without key excess
-    e_img = _excess(x, p, o)
-    screen = e_img / x[:, p:p + 1].mul(e_key / kp).clamp_min(0.15 * e_key)
-    sure_bg = (screen > 0.8).float()
-    not_bg = (screen < 0.25).float()
-    seeds = (screen < 0.1).float()
-    if prior is not None:
-        pr = prior[None, None]
-        sure_bg.mul_((pr < 0.1).float())
-        seeds = torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float())
-        not_bg = torch.maximum(not_bg, (pr > 0.5).float())
-    xl = _pool(x, f)
+    # pass 1: block means and second moments, and which blocks are sure backing / object / seeds
+    acc = {k: [] for k in ("xl", "xx", "bg", "notbg", "seeds", "near", "xs", "ms")}
+    for y0, y1 in bands:
+        x = _rows(rgb, y0, y1)
+        _, screen = _screen(x, p, o, e_key, kp)
+        sure_bg = (screen > 0.8).float()
+        not_bg = (screen < 0.25).float()
+        seeds = (screen < 0.1).float()
+        near = (screen > 0.35).float()
+        if prior is not None:
+            pr = prior[y0:y1][None, None]
+            sure_bg.mul_((pr < 0.1).float())
+            seeds = torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float())
+            not_bg = torch.maximum(not_bg, (pr > 0.5).float())
+            near.mul_((pr < 0.5).float())
+        acc["xl"].append(_pool(x, f))
+        acc["xx"].append(_pool(x * x, f))
+        acc["bg"].append(_min_pool(sure_bg, f))
+        acc["notbg"].append(_min_pool(not_bg, f))
+        acc["seeds"].append(_min_pool(seeds, f))
+        acc["near"].append(F.max_pool2d(near, f, stride=f, ceil_mode=True) if f > 1 else near)
+        r = torch.arange(y0, y1, device=dev)
+        keep = (r % s == 0).nonzero().view(-1)
+        acc["xs"].append(x[:, :, keep, ::s])
+        acc["ms"].append(sure_bg[:, :, keep, ::s])
+    xl, xx, m_bg, not_bg_low, seeds_pool, near_low, xs, ms = (torch.cat(acc[k], 2) for k in acc)
+    del acc
 
-    # 2. backing plate from the sure-backing blocks, filled under the object
-    m_bg = _min_pool(sure_bg, f)
+    # the backing plate from the sure-backing blocks, filled under the object; the photo's noise on it
     B_low, has = pull_push(xl * m_bg, m_bg)
     if not has:
         B_low = key.view(1, 3, 1, 1).expand_as(xl).clone()
-    var_n = _noise_var(x, sure_bg, B_low)
-    B = _up(B_low, size)
+    var_n = _noise_var(xs, ms, B_low)
 
-    # 3. foreground seeds: no key excess, away from the backing; plus the solid interior of regions that
-    # differ clearly from the plate but have no clean seed nearby (objects of the key's own hue)
-    interior = _erode(_min_pool(not_bg, f), 2)
-    seeds_low = _min_pool(seeds, f) * interior
-    d2 = ((x - B) ** 2).sum(1, keepdim=True)
-    differs = (d2 > 16.0 * float(var_n.sum()) + 0.15 ** 2).float()
-    solid = _erode(_min_pool(differs, f), 2)
+    # pass 2: blocks whose every pixel differs clearly from the plate (objects of the key's own hue)
+    # and blocks with any pixel off the plate by more than the noise (not clean backing)
+    thr = 16.0 * float(var_n.sum()) + 0.15 ** 2
+    thr_clean = CLEAN_SIGMAS ** 2 * float(var_n.sum()) + 0.02 ** 2
+    differs, off_plate = [], []
+    for y0, y1 in bands:
+        x = _rows(rgb, y0, y1)
+        d2 = ((x - _up_rows(B_low, (H, W), y0, y1)) ** 2).sum(1, keepdim=True)
+        differs.append(_min_pool((d2 > thr).float(), f))
+        off = (d2 > thr_clean).float()
+        if prior is not None:
+            off = torch.maximum(off, (prior[y0:y1][None, None] > 0.02).float())
+        off_plate.append(F.max_pool2d(off, f, stride=f, ceil_mode=True) if f > 1 else off)
+    differs, off_plate = torch.cat(differs, 2), torch.cat(off_plate, 2)
+
+    # foreground seeds: no key excess, away from the backing; plus the solid interior of regions that
+    # differ clearly from the plate but have no clean seed nearby
+    seeds_low = seeds_pool * _erode(not_bg_low, 2)
+    solid = _erode(differs, 2)
     seeds_low = torch.maximum(seeds_low, solid * (1.0 - _dilate(seeds_low, 8)))
 
-    # 4. local object colour (mean F0, covariance) by pull-push of the seed blocks' moments
+    # local object colour (mean F0, covariance) by pull-push of the seed blocks' moments
     if bool(seeds_low.max() > 0):
         prods = torch.cat([xl] + [xl[:, i:i + 1] * xl[:, j:j + 1] for i, j in _PAIRS], 1)
         if f > 1:  # the texture's spread within each block too
-            prods[:, 3:6] = _pool(x * x, f)
+            prods[:, 3:6] = xx
         est, _ = pull_push(prods * seeds_low, seeds_low)
         F0_low = est[:, :3]
         cov = torch.cat([est[:, 3 + k:4 + k] - F0_low[:, i:i + 1] * F0_low[:, j:j + 1]
@@ -299,7 +383,7 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
         F0_low = (1 - key.view(1, 3, 1, 1)).expand_as(B_low).clone()
         cov = torch.zeros(1, 6, *B_low.shape[-2:], device=dev)
 
-    # 5. discriminant direction and alpha-noise scales on the grid
+    # discriminant direction and alpha-noise scales on the grid
     d = F0_low - B_low
     S = cov.clone()
     S[:, :3] += var_n.view(1, 3, 1, 1) + 1e-4
@@ -319,11 +403,32 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
     inv_e = torch.where(valid, 1.0 / (eB - eF).clamp_min(0.05), torch.zeros_like(eB))
     c1 = torch.where(valid, (eB + float(marg[p])) * inv_e, torch.full_like(eB, 1e6))
     wB = (wn * B_low).sum(1, keepdim=True)
-    up = _up(torch.cat([wn, wB, F0_low, lo, inv_range, c1, inv_e, sig1], 1), size)
-    wnf, wBf, F0, lof, invr, c1f, inv_ef, s1f = (up[:, 0:3], up[:, 3:4], up[:, 4:7], up[:, 7:8], up[:, 8:9],
-                                                 up[:, 9:10], up[:, 10:11], up[:, 11:12])
+    # opaque interior: blocks farther than REACH from any backing-like pixel cannot be see-through
+    # (texture such as fur must not leave transparent specks there); clean backing: blocks farther than
+    # REACH from any pixel off the plate are exactly transparent
+    reach = max(1, math.ceil(max(2.0, min(H, W) * REACH) / f))
+    opaque = 1.0 - _dilate(near_low, reach)
+    clean = 1.0 - _dilate(off_plate, reach)
+    low = torch.cat([wn, wB, F0_low, lo, inv_range, c1, inv_e, sig1, opaque, clean], 1)
+    return _Plan(size=(H, W), f=f, key=key, p=p, o=o, e_key=e_key, B_low=B_low, var_n=var_n, low=low, sig0=sig0,
+                 sig1=sig1)
 
-    # 6. alpha: projection, physical bounds, noise snapping
+
+def _key_rows(rgb: torch.Tensor, prior: torch.Tensor | None, plan: _Plan, opt: GreenPostOptions, y0: int,
+              y1: int, refine=None) -> KeyFields:
+    """Key rows y0..y1-1 of the image with its plan (pointwise but for the prior's dilation and the
+    refiner: give those a margin of rows and crop)."""
+    H, W = plan.size
+    p, o = plan.p, plan.o
+    x = _rows(rgb, y0, y1)
+    B = _up_rows(plan.B_low, plan.size, y0, y1)
+    up = _up_rows(plan.low, plan.size, y0, y1)
+    wnf, wBf, F0, lof, invr, c1f, inv_ef, s1f, opq, cln = (up[:, 0:3], up[:, 3:4], up[:, 4:7], up[:, 7:8],
+                                                           up[:, 8:9], up[:, 9:10], up[:, 10:11], up[:, 11:12],
+                                                           up[:, 12:13], up[:, 13:14])
+    marg = 2.0 * plan.var_n.sqrt()
+
+    # alpha: projection, physical bounds, noise snapping
     a = x[:, 0:1] * wnf[:, 0:1]
     a.addcmul_(x[:, 1:2], wnf[:, 1:2]).addcmul_(x[:, 2:3], wnf[:, 2:3]).sub_(wBf)
     diff = x - B
@@ -334,30 +439,81 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
                           (dc - float(marg[c])) / (1 - B[:, c:c + 1]).clamp_min(1e-3))
         a_min = t if a_min is None else torch.maximum(a_min, t)
     a = torch.maximum(a, a_min)
-    a = torch.minimum(a, c1f - e_img * inv_ef)
+    a = torch.minimum(a, c1f - _excess(x, p, o) * inv_ef)
     a = a.sub_(lof).mul_(invr).clamp_(0, 1)
+    a = torch.maximum(a, (opq > 0.999).float()).mul_((cln < 0.999).float())
 
     if prior is not None:
         # where the colours barely separate object and backing (< ~6 deviations) the prior decides; it is
         # also a garbage matte (clearly outside -> 0) and a holdout matte (solid inside -> 1)
+        pr = prior[y0:y1][None, None]
         conf = ((1.0 / s1f.clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
         a = conf * a + (1 - conf) * pr
-        r = max(1, round(min(H, W) / 100))
+        r = _prior_radius(H, W)
         a = torch.maximum(a * _dilate((pr > 0.02).float(), r), _erode((pr > 0.98).float(), r))
+
+    fields = KeyFields(key=plan.key, backing=B, alpha=a, prior_fg=F0, fg=None, noise_std=plan.var_n.sqrt(),
+                       sig0_low=plan.sig0, sig1_low=plan.sig1, grid_factor=plan.f, classical_alpha=a, row0=y0,
+                       image_size=plan.size)
+    if refine is not None:
+        a = refine(x, fields)
 
     if opt.clip_black > 0 or opt.clip_white < 1:
         a = ((a - opt.clip_black) / (opt.clip_white - opt.clip_black)).clamp(0, 1)
 
-    # 7. foreground: MAP unmixing with the local object colour as prior, then spill removal
+    # foreground: MAP unmixing with the local object colour as prior, then spill removal
     m = 0.02
     fg = diff.addcmul_(B, a).mul_(a).add_(F0, alpha=m).div_(a * a + m).clamp_(0, 1)
     if opt.spill_strength > 0:
+        # the object's own key-colour excess (a green object) is kept; the weight rises smoothly with it,
+        # so there is no seam where the nearby object colour turns greenish
         e0 = _excess(F0, p, o)
-        allowed = e0 * (e0 > 0.25 * e_key).float()
+        t = ((e0 - 0.15 * plan.e_key) / (0.2 * plan.e_key)).clamp_(0, 1)
+        allowed = e0.clamp_min(0) * t * t * (3 - 2 * t)
         spill = (_excess(fg, p, o) - allowed).clamp_min_(0)
         fg[:, p:p + 1].sub_(spill, alpha=opt.spill_strength)
-    return KeyFields(key=key, backing=B, alpha=a, prior_fg=F0, fg=fg, noise_std=var_n.sqrt(), sig0_low=sig0,
-                     sig1_low=sig1, grid_factor=f)
+    fields.alpha, fields.fg = a, fg
+    return fields
+
+
+def _prior_radius(H: int, W: int) -> int:
+    return max(1, round(min(H, W) / 100))
+
+
+def _key_one(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions, refine=None,
+             out_fg: torch.Tensor | None = None, out_alpha: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key one image in row bands. rgb: (H, W, 3) (any float dtype, need not be contiguous); prior: (H, W)
+    or None. Writes into / returns fg (H, W, 3) and alpha (H, W) float32."""
+    H, W = rgb.shape[:2]
+    plan = _plan(rgb, prior, opt)
+    if out_fg is None:
+        out_fg = torch.empty(H, W, 3, device=rgb.device)
+    if out_alpha is None:
+        out_alpha = torch.empty(H, W, device=rgb.device)
+    halo = 0
+    if prior is not None:
+        halo = _prior_radius(H, W)
+    if refine is not None:
+        halo = max(halo, int(getattr(refine, "halo", 32)))
+    for y0, y1 in _bands(H, W, 16):
+        e0, e1 = max(0, y0 - halo), min(H, y1 + halo)
+        kf = _key_rows(rgb, prior, plan, opt, e0, e1, refine)
+        out_fg[y0:y1] = kf.fg[0, :, y0 - e0:y1 - e0].permute(1, 2, 0)
+        out_alpha[y0:y1] = kf.alpha[0, 0, y0 - e0:y1 - e0]
+    return out_fg, out_alpha
+
+
+def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions, refine=None) -> KeyFields:
+    """Key one image and return its fields at full resolution (one band: the memory of the whole image).
+    rgb: (3, H, W) float32; prior: (H, W) or None.
+
+    `refine(x, fields) -> alpha`, if given, replaces the classical alpha (fields.alpha, (1, 1, h, W)) before
+    the matte levels and the foreground unmixing (x is the image rows (1, 3, h, W); fields.fg is None then).
+    greenpost() calls it per band of rows with a margin of `refine.halo` rows (default 32) on each side,
+    whose results it discards: fields.row0 and fields.image_size place the band in the image."""
+    hwc = rgb.permute(1, 2, 0)
+    return _key_rows(hwc, prior, _plan(hwc, prior, opt), opt, 0, hwc.shape[0], refine)
 
 
 # ----------------------------------------------------------------------------------------------- API
@@ -379,7 +535,7 @@ def _check_image(image) -> torch.Tensor:
     if lo < -0.01 or hi > 1.01:
         raise ValueError(f"image values span [{lo:.3g}, {hi:.3g}]: expected [0, 1]"
                          + ("; divide 8-bit images by 255" if hi > 1.5 else ""))
-    return img.clamp(0, 1)
+    return img  # clamped to [0, 1] band by band where it is read (no full-size copy)
 
 
 def _check_prior(prior, shape) -> torch.Tensor | None:
@@ -402,15 +558,30 @@ def _check_prior(prior, shape) -> torch.Tensor | None:
     return prior.clamp(0, 1).expand(B, H, W)
 
 
+EMPTY_FRACTION = 0.002  # an alpha with fewer pixels above 0.5 than this (and no prior) gets a warning
+
+
+def empty_key_warning(alpha: torch.Tensor) -> str | None:
+    """The warning for a key that found (almost) nothing but backing, or None. alpha: (H, W)."""
+    frac = float((alpha > 0.5).float().mean())
+    if frac >= EMPTY_FRACTION:
+        return None
+    return (f"GreenPost keyed almost everything as backing ({frac:.2%} of the pixels opaque). If the object has "
+            f"the backing's own colour (a green object on green), colours alone cannot separate it: connect an "
+            f"alpha prior (e.g. DiffuMatting VAE Decode's alpha) or pick key_color from the backing.")
+
+
 def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
-              options: GreenPostOptions | None = None, *, prior_alpha_bhw: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              options: GreenPostOptions | None = None, *, prior_alpha_bhw: torch.Tensor | None = None,
+              warnings: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key a batch of green-screen images.
 
     image: (B, H, W, C) float in [0, 1], C = 1 (grey), 3 (RGB) or 4 (RGBA: the RGB is keyed and the result's
     alpha is multiplied by the input's). prior_alpha: optional (B, H, W) alpha from a network (1 = opaque)
     to refine (`prior_alpha_bhw` is an alias). Returns (foreground (B, H, W, 3) straight colour with the
     spill removed, alpha (B, H, W), 1 = opaque), float32 on the image's device. Runs where the tensor is.
+    `warnings`, if given a list, receives a message for each image that keyed to (almost) nothing without
+    a prior (see `empty_key_warning`): show it to the user.
     """
     if options is None:
         options = GreenPostOptions()
@@ -428,14 +599,14 @@ def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
         rgb = img.expand(B, H, W, 3)
     else:
         rgb = img[..., :3]
-    fgs, alphas = [], []
+    fg = torch.empty(B, H, W, 3, device=img.device)
+    alpha = torch.empty(B, H, W, device=img.device)
     with torch.no_grad():
         for i in range(B):
-            fg, a = _key_one(rgb[i].permute(2, 0, 1).contiguous(), None if prior is None else prior[i], options)
-            fgs.append(fg.permute(1, 2, 0))
-            alphas.append(a)
-    fg = torch.stack(fgs)
-    alpha = torch.stack(alphas)
+            _key_one(rgb[i], None if prior is None else prior[i], options, None, fg[i], alpha[i])
+            msg = None if prior is not None else empty_key_warning(alpha[i])
+            if msg is not None and warnings is not None:
+                warnings.append(msg if B == 1 else f"image {i + 1} of {B}: {msg}")
     if C == 4:
-        alpha = alpha * img[..., 3]
-    return fg.contiguous(), alpha.contiguous()
+        alpha.mul_(img[..., 3].clamp(0, 1))
+    return fg, alpha

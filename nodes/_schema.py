@@ -1,23 +1,32 @@
 """Small helpers shared by the node modules."""
 from __future__ import annotations
 
-import dataclasses
+import logging
 from enum import Enum
 
 from comfy_api.latest import io
 
 CATEGORY = "DiffuMatting"
-_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+_LOG = logging.getLogger(__name__)
+_aliases_dropped = False
 
 
 def schema(*, search_aliases: list[str] | None = None, **kwargs) -> io.Schema:
-    """Build an io.Schema; `search_aliases` is passed on hosts whose Schema has that field.
+    """io.Schema(..., search_aliases=...) through its documented constructor.
 
-    ComfyUI added Schema.search_aliases after 0.3.75 (the version the tests run against); on older
-    hosts the aliases are only left out of the search index, nothing else changes.
+    search_aliases is a field of the newest ComfyUI's io.Schema; ComfyUI 0.3.75 (the tests' host) has no
+    such field, so its constructor refuses the keyword with a TypeError naming it. Then, and only then, the
+    schema is built without the aliases (the nodes are still found by name; said once in the log).
     """
-    if search_aliases and "search_aliases" in _SCHEMA_FIELDS:
-        kwargs["search_aliases"] = list(search_aliases)
+    global _aliases_dropped
+    try:
+        return io.Schema(**kwargs, search_aliases=list(search_aliases or []))
+    except TypeError as e:
+        if "search_aliases" not in str(e):
+            raise
+    if not _aliases_dropped:
+        _aliases_dropped = True
+        _LOG.info("DiffuMatting: this ComfyUI's io.Schema has no search_aliases; node search aliases left out")
     return io.Schema(**kwargs)
 
 

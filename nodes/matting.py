@@ -5,16 +5,15 @@ MASK convention (1 = transparent), i.e. 1 - alpha.
 """
 from __future__ import annotations
 
-import logging
 import os
 from enum import Enum
 
 import torch
 from comfy_api.latest import io
 
-from ..models.matting_decode import count_tiles, decode_rgba, tiled_apply
-from ..models.matting_head import HeadTaps, LoadedHead, VAE_FAMILIES, load_head, PICKLE_SUFFIXES
+from ..models.matting_head import PICKLE_SUFFIXES, LoadedHead, load_head
 from ._schema import CATEGORY, enum_options, schema
+from ._vae_decode import Tiling, decode
 
 FAMILY = f"{CATEGORY}/matting"
 MODEL_FOLDER = "diffumatting"
@@ -29,12 +28,6 @@ class FamilyCheck(str, Enum):
     FROM_FILE = "as in file"
     SD1 = "sd1"
     SDXL = "sdxl"
-
-
-class Tiling(str, Enum):
-    AUTO = "auto"
-    ALWAYS = "always"
-    NEVER = "never"
 
 
 # --- head files --------------------------------------------------------------------------------------
@@ -130,163 +123,7 @@ class HeadLoader(io.ComfyNode):
         return io.NodeOutput(load_head(resolve_head_path(head_name), expected_family=expected))
 
 
-# --- decode --------------------------------------------------------------------------------------------
-def _oom_types() -> tuple:
-    types = [getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)]
-    return tuple(t for t in types if isinstance(t, type))
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, _oom_types()):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free_memory(vae) -> float:
-    import comfy.model_management as mm
-
-    getter = getattr(vae.patcher, "get_free_memory", None)  # newer ComfyUI (dynamic VRAM aware)
-    if callable(getter):
-        return getter(vae.device)
-    return mm.get_free_memory(vae.device)
-
-
-def _upscale(vae) -> int:
-    fn = getattr(vae, "spacial_compression_decode", None)
-    ratio = fn() if callable(fn) else getattr(vae, "upscale_ratio", 8)
-    if not isinstance(ratio, int):
-        raise ValueError(f"this VAE's spatial upscale {ratio!r} is not a plain factor; the matting head supports "
-                         f"image VAEs (SD1.x/SD2 and SDXL KL-f8)")
-    return ratio
-
-
-def _head_extra_memory(shape, head, dtype_size: int, scale: int) -> float:
-    """Bytes the head adds at full resolution (its layers and the alpha) for a latent of `shape`."""
-    cfg = head.config
-    per_pixel = 2 * cfg.hidden + cfg.coarse_dim * len(cfg.coarse_taps) * 2 + 2
-    return shape[0] * shape[2] * shape[3] * scale * scale * per_pixel * dtype_size
-
-
-def check_head_fits(vae, samples: torch.Tensor, loaded: LoadedHead):
-    """(first_stage_model, decoder) when the head fits this VAE and latent; else a ValueError naming both."""
-    vae.throw_exception_if_invalid()
-    fsm = vae.first_stage_model
-    decoder = getattr(fsm, "decoder", None)
-    cfg = loaded.config
-    if getattr(vae, "latent_dim", 2) != 2 or decoder is None or not hasattr(decoder, "conv_out"):
-        raise ValueError(f"this VAE ({type(fsm).__name__}) is not an image KL decoder; the matting head "
-                         f"{os.path.basename(loaded.path) or ''} was trained for the "
-                         f"{VAE_FAMILIES[loaded.vae_family]}. Use the VAE of an SD1.x/SD2 or SDXL checkpoint.")
-    if samples.shape[1] != cfg.latent_channels:
-        raise ValueError(f"the latent has {samples.shape[1]} channels but the matting head was trained for the "
-                         f"{VAE_FAMILIES[loaded.vae_family]} with {cfg.latent_channels}-channel latents; decode "
-                         f"this latent with its own VAE and a head trained for it")
-    scale = _upscale(vae)
-    if scale != cfg.upscale:
-        raise ValueError(f"this VAE upscales latents {scale}x, the matting head expects {cfg.upscale}x "
-                         f"({VAE_FAMILIES[loaded.vae_family]})")
-    conv_in = getattr(decoder.conv_out, "in_channels", cfg.fine_channels)
-    if cfg.fine_tap == "conv_out:input" and conv_in != cfg.fine_channels:
-        raise ValueError(f"this VAE decoder's last features have {conv_in} channels, the matting head expects "
-                         f"{cfg.fine_channels} ({VAE_FAMILIES[loaded.vae_family]}); use a head trained for "
-                         f"this VAE")
-    names = dict(decoder.named_modules())
-    for tap in cfg.taps:
-        if tap.split(":")[0] not in names:
-            raise ValueError(f"this VAE decoder has no module {tap.split(':')[0]!r} that the matting head reads; "
-                             f"the head was trained for the {VAE_FAMILIES[loaded.vae_family]}")
-    return fsm, decoder
-
-
-def _decode_whole(vae, fsm, decoder, head, samples, scale):
-    """Untiled decode in batch chunks sized from free memory (as core's VAE.decode does)."""
-    import comfy.model_management as mm
-    import comfy.utils
-
-    dtype = vae.vae_dtype
-    out_device = getattr(vae, "output_device", torch.device("cpu"))
-    memory_used = (vae.memory_used_decode(samples.shape, dtype)
-                   + _head_extra_memory(samples.shape, head, mm.dtype_size(dtype), scale))
-    per_item = memory_used / samples.shape[0]
-    mm.load_models_gpu([vae.patcher], memory_required=memory_used,
-                       force_full_load=getattr(vae, "disable_offload", False))
-    batch_number = max(1, int(_free_memory(vae) / per_item))
-    chunks = list(range(0, samples.shape[0], batch_number))
-    pbar = comfy.utils.ProgressBar(len(chunks))
-    rgb_all = alpha_all = None
-    with torch.no_grad(), HeadTaps(decoder, head) as taps:
-        for x in chunks:
-            mm.throw_exception_if_processing_interrupted()
-            raw = fsm.decode(samples[x:x + batch_number].to(device=vae.device, dtype=dtype))
-            alpha = taps.pop_alpha()
-            rgb = vae.process_output(raw.to(device=out_device, dtype=torch.float32))
-            del raw
-            if rgb_all is None:
-                b, (h, w) = samples.shape[0], rgb.shape[-2:]
-                rgb_all = torch.empty((b, 3, h, w), device=out_device, dtype=torch.float32)
-                alpha_all = torch.empty((b, h, w), device=out_device, dtype=torch.float32)
-            rgb_all[x:x + batch_number] = rgb
-            alpha_all[x:x + batch_number] = alpha[:, 0].to(device=out_device, dtype=torch.float32)
-            del rgb, alpha
-            pbar.update(1)
-    return rgb_all.movedim(1, -1), alpha_all
-
-
-def decode_with_head(vae, samples: torch.Tensor, loaded: LoadedHead, tiling: Tiling = Tiling.AUTO,
-                     tile_size: int = 512, overlap: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rgb (B,H,W,3), alpha (B,H,W)) float32 on the VAE's output device, from ONE decoder pass per
-    batch chunk or tile, with ComfyUI's memory management, progress bar and interruption."""
-    import comfy.model_management as mm
-    import comfy.utils
-
-    if samples.ndim == 5 and samples.shape[2] == 1:
-        samples = samples[:, :, 0]
-    if samples.ndim != 4:
-        raise ValueError(f"LATENT samples must be (B,C,H,W) image latents, got shape {tuple(samples.shape)}")
-    fsm, decoder = check_head_fits(vae, samples, loaded)
-    head = loaded.head
-    scale = _upscale(vae)
-    dtype = vae.vae_dtype
-    out_device = getattr(vae, "output_device", torch.device("cpu"))
-    dsize = mm.dtype_size(dtype)
-
-    if tiling is not Tiling.ALWAYS:
-        try:
-            return _decode_whole(vae, fsm, decoder, head, samples, scale)
-        except Exception as e:  # only out-of-memory falls back to tiles
-            if tiling is Tiling.NEVER or not _is_oom(e):
-                raise
-            logging.warning("DiffuMatting: out of memory in the matting decode, retrying with tiles")
-        mm.soft_empty_cache()
-
-    tile = max(8, int(tile_size) // scale)
-    ov = max(0, min(int(overlap) // scale, tile // 2))
-    tile_shape = (1, samples.shape[1], min(tile, samples.shape[2]), min(tile, samples.shape[3]))
-    memory_used = vae.memory_used_decode(tile_shape, dtype) + _head_extra_memory(tile_shape, head, dsize, scale)
-    mm.load_models_gpu([vae.patcher], memory_required=memory_used,
-                       force_full_load=getattr(vae, "disable_offload", False))
-    pbar = comfy.utils.ProgressBar(samples.shape[0] * count_tiles(samples.shape, tile, ov))
-
-    def on_tile():
-        pbar.update(1)
-        mm.throw_exception_if_processing_interrupted()
-
-    def decode_fn(t):
-        return fsm.decode(t.to(device=vae.device, dtype=dtype))
-
-    rgbs, alphas = [], []
-    with torch.no_grad():
-        for i in range(samples.shape[0]):
-            mm.throw_exception_if_processing_interrupted()
-            out = tiled_apply(samples[i:i + 1], lambda t: decode_rgba(decode_fn, decoder, head, t), scale, tile, ov,
-                              4, output_device=out_device, on_tile=on_tile)
-            rgbs.append(vae.process_output(out[:, :3].clone()))
-            alphas.append(out[:, 3].clamp(0.0, 1.0))
-            del out
-    return torch.cat(rgbs).movedim(1, -1), torch.cat(alphas)
-
-
+# --- decode (orchestration in _vae_decode.py) -----------------------------------------------------
 def _greenpost(rgb: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from ..models.greenpost import GreenPostOptions, greenpost
@@ -348,27 +185,12 @@ class MattingVAEDecode(io.ComfyNode):
                 tile_size=512, tile_overlap=64) -> io.NodeOutput:
         latent = samples["samples"] if isinstance(samples, dict) else samples
         mode = Tiling(str(tiling))
-        if head is not None:
-            if not isinstance(head, LoadedHead):
-                raise ValueError(f"head must come from Load Matting Head, got {type(head).__name__}")
-            rgb, alpha = decode_with_head(vae, latent, head, mode, int(tile_size), int(tile_overlap))
-            colour = rgb
-            if refine_with_greenpost:
-                colour, alpha = _greenpost(rgb, alpha)
-        else:
-            with torch.no_grad():
-                if mode is Tiling.ALWAYS:
-                    scale = _upscale(vae)
-                    t = max(8, int(tile_size) // scale)
-                    # core's tiled decode also runs tiles of t/2 x 2t: its overlap must stay below t/2
-                    rgb = vae.decode_tiled(latent, tile_x=t, tile_y=t,
-                                           overlap=max(0, min(int(tile_overlap) // scale, t // 4)))
-                else:
-                    rgb = vae.decode(latent)
-            if rgb.ndim == 5:  # video VAEs: frames as batch
-                rgb = rgb.reshape(-1, *rgb.shape[-3:])
-            rgb = rgb[..., :3].float()
-            colour, alpha = _greenpost(rgb, None)
+        if head is not None and not isinstance(head, LoadedHead):
+            raise ValueError(f"head must come from Load Matting Head, got {type(head).__name__}")
+        rgb, alpha = decode(vae, latent, head, mode, int(tile_size), int(tile_overlap))
+        colour = rgb
+        if head is None or refine_with_greenpost:
+            colour, alpha = _greenpost(rgb, alpha)
         alpha = alpha.clamp(0.0, 1.0)
         rgba = torch.cat([colour[..., :3].clamp(0.0, 1.0), alpha.unsqueeze(-1)], dim=-1)
         return io.NodeOutput(rgb, alpha, rgba, 1.0 - alpha)

@@ -6,8 +6,10 @@ Outputs follow the pack's convention (models/alpha.py): `alpha` is opacity (1 = 
 from __future__ import annotations
 
 
+import logging
+
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..models.alpha import parse_hex_color
 from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, greenpost
@@ -107,18 +109,23 @@ class GreenPost(io.ComfyNode):
         device = mm.get_torch_device()
         out_device = mm.intermediate_device()
         pbar = comfy.utils.ProgressBar(n)
-        fgs, alphas = [], []
+        fgs, alphas, warnings = [], [], []
         for i in range(n):
             mm.throw_exception_if_processing_interrupted()
             prior = None if alpha_prior is None else alpha_prior[min(i, alpha_prior.shape[0] - 1)][None].to(device)
-            fg, a = greenpost(image[i:i + 1].to(device), prior, opts)
+            warned = []
+            fg, a = greenpost(image[i:i + 1].to(device), prior, opts, warnings=warned)
+            warnings += [m if n == 1 else f"image {i + 1} of {n}: {m}" for m in warned]
             fgs.append(fg.to(out_device))
             alphas.append(a.to(out_device))
             pbar.update(1)
         fg = torch.cat(fgs)
         alpha = torch.cat(alphas).clamp(0.0, 1.0)
         rgba = torch.cat([fg, alpha.unsqueeze(-1)], dim=-1)
-        return io.NodeOutput(fg, alpha, rgba, 1.0 - alpha)
+        for m in warnings:
+            logging.warning("DiffuMatting GreenPost: %s", m)
+        shown = ui.PreviewText("\n".join(warnings)) if warnings else None
+        return io.NodeOutput(fg, alpha, rgba, 1.0 - alpha, ui=shown)
 
 
 NODES = [GreenPost]

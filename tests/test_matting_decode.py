@@ -18,10 +18,17 @@ SMALL = HeadConfig.for_decoder(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
 
 
 @pytest.fixture(scope="module")
-def M(comfy_host):
+def matting(comfy_host):
     from diffumatting.nodes import matting
 
     return matting
+
+
+@pytest.fixture(scope="module")
+def vae_decode(comfy_host):
+    from diffumatting.nodes import _vae_decode
+
+    return _vae_decode
 
 
 @pytest.fixture(scope="module")
@@ -41,171 +48,216 @@ def _smooth_latent(b, h, w, seed=0):
 
 
 class _CountCalls:
+    """Counts the decoder's calls (context manager)."""
+
     def __init__(self, module):
-        self.n = 0
-        self.handle = module.register_forward_pre_hook(self._count)
+        self.module, self.n = module, 0
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self._count)
+        return self
 
     def _count(self, *_):
         self.n += 1
 
-    def remove(self):
+    def __exit__(self, *exc):
         self.handle.remove()
+        return False
+
+
+def _no_hooks_left(vae) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in vae.first_stage_model.modules())
+
+
+def _head_alpha_reference(vae, head, latent):
+    """The head on the decoder's features of one plain decode (FeatureTaps), float32 (B,H,W)."""
+    from diffumatting.models.matting_head import FeatureTaps
+
+    fsm = vae.first_stage_model
+    cfg = head.config
+    with torch.no_grad(), FeatureTaps(fsm.decoder, cfg.taps) as taps:
+        fsm.decode(latent.to(vae.vae_dtype))
+        out = head.head(taps.features[cfg.fine_tap].float(), [taps.features[t].float() for t in cfg.coarse_taps])
+    return out[:, 0]
 
 
 # --- decode ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("b,h,w", [(1, 8, 8), (3, 5, 7), (2, 9, 13)])
-def test_decode_shapes_one_pass_and_same_colour_as_core(M, vae, head, b, h, w):
+def test_decode_one_pass_colour_is_core_and_alpha_is_the_head(matting, vae, head, b, h, w):
     latent = torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(b * h * w))
-    counter = _CountCalls(vae.first_stage_model.decoder)
-    try:
-        out = M.MattingVAEDecode.execute({"samples": latent}, vae, head, refine_with_greenpost=False)
-    finally:
-        counter.remove()
+    channels, estimate = vae.output_channels, vae.memory_used_decode
+    with _CountCalls(vae.first_stage_model.decoder) as ours:
+        out = matting.MattingVAEDecode.execute({"samples": latent}, vae, head, refine_with_greenpost=False)
+    with torch.no_grad(), _CountCalls(vae.first_stage_model.decoder) as core_calls:
+        core = vae.decode(latent)
     image, alpha, rgba, tmask = out.result
-    assert counter.n == 1, "the decoder must run exactly once"
+    assert ours.n == core_calls.n == 1, "one decoder pass, as many as core's VAE decode"
     assert image.shape == (b, h * 8, w * 8, 3) and rgba.shape == (b, h * 8, w * 8, 4)
     assert alpha.shape == tmask.shape == (b, h * 8, w * 8)
     for t in (image, alpha, rgba, tmask):
         assert t.dtype == torch.float32 and t.device == vae.output_device
-        assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
-    assert torch.equal(rgba[..., 3], alpha) and torch.allclose(tmask, 1.0 - alpha)
+    assert torch.equal(image, core.float()), "colour must be exactly core's VAE decode"
+    assert torch.allclose(alpha, _head_alpha_reference(vae, head, latent), atol=1e-6)
+    assert float(alpha.std()) > 1e-3, "a random head gives a varying alpha"
+    assert torch.equal(rgba[..., 3], alpha) and torch.equal(tmask, 1.0 - alpha)
     assert torch.equal(rgba[..., :3], image)
-    with torch.no_grad():
-        core = vae.decode(latent)
-    assert torch.allclose(image, core, atol=1e-6), "colour must be exactly core's VAE decode"
-    assert not vae.first_stage_model.decoder.conv_out._forward_pre_hooks, "hooks must be removed"
+    assert vae.output_channels == channels and vae.memory_used_decode is estimate, "the VAE is not modified"
+    assert _no_hooks_left(vae)
 
 
-def test_alpha_is_the_head_on_the_decoder_features(M, vae, head):
-    from diffumatting.models.matting_head import FeatureTaps
+def test_core_sizes_memory_with_the_head(vae_decode, vae, head, monkeypatch):
+    """Core's own decode loads the model with its estimate plus the head's memory (head_memory)."""
+    import comfy.model_management as mm
 
-    latent = _smooth_latent(2, 6, 10, seed=4)
-    _, alpha = M.decode_with_head(vae, latent, head)
-    fsm = vae.first_stage_model
-    with torch.no_grad(), FeatureTaps(fsm.decoder, SMALL.taps) as taps:
-        fsm.decode(latent)
-        expected = head.head(taps.features[SMALL.fine_tap], [taps.features[t] for t in SMALL.coarse_taps])
-    assert torch.allclose(alpha, expected[:, 0], atol=1e-6)
+    seen = []
+    real = mm.load_models_gpu
+
+    def spy(models, memory_required=0, **kw):
+        seen.append(memory_required)
+        return real(models, memory_required=memory_required, **kw)
+
+    monkeypatch.setattr(mm, "load_models_gpu", spy)
+    latent = _smooth_latent(2, 6, 10)
+    vae_decode.decode(vae, latent, head)
+    core = vae.memory_used_decode(latent.shape, vae.vae_dtype)
+    extra = vae_decode.head_memory(latent.shape, head.config, 8, mm.dtype_size(vae.vae_dtype))
+    assert extra > 0 and seen == [pytest.approx(core + extra)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_vae(M, head, dtype, comfy_host):
+def test_low_precision_vae(vae_decode, head, dtype, comfy_host):
     vae16 = small_vae(seed=0, dtype=dtype)
     vae32 = small_vae(seed=0)
     latent = _smooth_latent(2, 6, 6, seed=1)
-    rgb, alpha = M.decode_with_head(vae16, latent, head)
-    ref_rgb, ref_alpha = M.decode_with_head(vae32, latent, head)
+    rgb, alpha = vae_decode.decode(vae16, latent, head)
+    ref_rgb, ref_alpha = vae_decode.decode(vae32, latent, head)
     assert rgb.dtype == alpha.dtype == torch.float32
     assert (rgb - ref_rgb).abs().mean() < 0.03, float((rgb - ref_rgb).abs().mean())
     assert (alpha - ref_alpha).abs().max() < 0.03, float((alpha - ref_alpha).abs().max())
-
-
-def test_tiled_matches_untiled_as_well_as_core_tiles_do(M, vae, head):
-    """Tolerance: tiles decoded with GroupNorm see other statistics than the whole image, so no tiled decode
-    is exact. Ours must be as close to the untiled decode as core's own tiled decode is (mean |diff| at most
-    1.25x core's), and the alpha within mean 0.01 / max 0.06 of the untiled alpha."""
-    latent = _smooth_latent(2, 24, 40, seed=2)
-    rgb, alpha = M.decode_with_head(vae, latent, head)
-    counter = _CountCalls(vae.first_stage_model.decoder)
-    try:
-        rgb_t, alpha_t = M.decode_with_head(vae, latent, head, M.Tiling.ALWAYS, tile_size=128, overlap=32)
-    finally:
-        counter.remove()
-    assert counter.n == 2 * 2 * 3, "one decoder pass per tile (2 x 3 tiles per image, batch 2)"
-    assert rgb_t.shape == rgb.shape and alpha_t.shape == alpha.shape
     with torch.no_grad():
-        core_t = vae.decode_tiled(latent, tile_x=16, tile_y=16, overlap=4)
-    ours = float((rgb_t - rgb).abs().mean())
-    core = float((core_t - rgb).abs().mean())
-    assert ours <= 1.25 * core, (ours, core)
+        assert torch.equal(rgb, vae16.decode(latent).float()), "colour is core's decode in that precision"
+
+
+def test_tiled_is_core_tiled_decode_with_alpha(vae_decode, vae, head):
+    """tiling 'always' is core's VAE.decode_tiled: the same colour, the same decoder calls; the alpha rides along
+    (core blends its tiles like the colour), close to the untiled alpha."""
+    latent = _smooth_latent(1, 16, 24, seed=2)
+    rgb, alpha = vae_decode.decode(vae, latent, head)
+    args = vae_decode.core_tile_args(vae, 128, 32)
+    assert args == {"tile_x": 16, "tile_y": 16, "overlap": 4}
+    with _CountCalls(vae.first_stage_model.decoder) as ours:
+        rgb_t, alpha_t = vae_decode.decode(vae, latent, head, vae_decode.Tiling.ALWAYS, tile_size=128, overlap=32)
+    with torch.no_grad(), _CountCalls(vae.first_stage_model.decoder) as core_calls:
+        core_t = vae.decode_tiled(latent, **args)
+    assert ours.n == core_calls.n > 2, "no decoder pass beyond core's own tiled decode"
+    assert torch.allclose(rgb_t, core_t.float(), atol=1e-6), "colour is core's tiled decode"
+    assert rgb_t.shape == rgb.shape and alpha_t.shape == alpha.shape
     assert float((alpha_t - alpha).abs().mean()) < 0.01
     assert float((alpha_t - alpha).abs().max()) < 0.06
-    # One tile covering everything is the untiled decode.
-    rgb_1, alpha_1 = M.decode_with_head(vae, latent, head, M.Tiling.ALWAYS, tile_size=512, overlap=64)
-    assert torch.allclose(rgb_1, rgb, atol=1e-5) and torch.allclose(alpha_1, alpha, atol=1e-5)
+    assert _no_hooks_left(vae)
 
 
-def test_progress_and_interruption(M, vae, head, comfy_host):
+def test_progress_and_interruption(vae_decode, vae, head, comfy_host):
     import comfy.model_management as mm
     import comfy.utils
 
-    seen = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
-    try:
-        M.decode_with_head(vae, _smooth_latent(1, 16, 24), head, M.Tiling.ALWAYS, tile_size=64, overlap=16)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    assert seen and seen[-1][0] == seen[-1][1] == 3 * 4  # tiles of 8 latent px, overlap 2: 3 x 4
+    latent = _smooth_latent(1, 8, 12)
+    args = vae_decode.core_tile_args(vae, 64, 8)
+
+    def progress(fn):
+        seen = []
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+        try:
+            fn()
+        finally:
+            comfy.utils.set_progress_bar_global_hook(None)
+        return seen
+
+    ours = progress(lambda: vae_decode.decode(vae, latent, head, vae_decode.Tiling.ALWAYS, tile_size=64, overlap=8))
+    with torch.no_grad():
+        core = progress(lambda: vae.decode_tiled(latent, **args))
+    assert ours == core and ours[-1][0] == ours[-1][1] > 1, "core's own progress, step by step"
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            M.decode_with_head(vae, _smooth_latent(1, 16, 24), head, M.Tiling.ALWAYS, tile_size=64, overlap=16)
+            vae_decode.decode(vae, latent, head, vae_decode.Tiling.ALWAYS, tile_size=64, overlap=8)
     finally:
         mm.interrupt_current_processing(False)
-    assert not vae.first_stage_model.decoder.conv_out._forward_pre_hooks
+    assert _no_hooks_left(vae)
 
 
-def test_out_of_memory_falls_back_to_tiles(M, vae, head, monkeypatch):
-    calls = {"n": 0}
+def test_out_of_memory_is_core_fallback_to_tiles(vae_decode, vae, head, monkeypatch):
+    """auto: the whole-image decode runs out of memory, core tiles it (colour exactly as core's own fallback);
+    never: a clear error instead of tiles; other errors are not mistaken for memory."""
     fsm = vae.first_stage_model
     real = fsm.decode
+    calls = {"n": 0}
 
-    def flaky(z, **kw):
+    def oom_once(z, **kw):
         calls["n"] += 1
-        if z.shape[-1] > 8:
+        if calls["n"] == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(z, **kw)
 
-    monkeypatch.setattr(fsm, "decode", flaky)
-    latent = _smooth_latent(1, 8, 16)
-    rgb, alpha = M.decode_with_head(vae, latent, head, M.Tiling.AUTO, tile_size=64, overlap=16)
-    assert rgb.shape == (1, 64, 128, 3) and calls["n"] == 1 + 3
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        M.decode_with_head(vae, latent, head, M.Tiling.NEVER)
+    latent = _smooth_latent(1, 8, 48)
+    monkeypatch.setattr(fsm, "decode", oom_once)
+    rgb, alpha = vae_decode.decode(vae, latent, head, vae_decode.Tiling.AUTO)
+    ours_calls, calls["n"] = calls["n"], 0
+    with torch.no_grad():
+        core = vae.decode(latent)
+    assert ours_calls == calls["n"] > 2, "core's fallback: one failed whole decode, then its tiles"
+    assert torch.equal(rgb, core.float()) and alpha.shape == (1, 64, 384)
+    calls["n"] = 0
+    with pytest.raises(vae_decode.WholeDecodeOutOfMemory, match="tiling is 'never'"):
+        vae_decode.decode(vae, latent, head, vae_decode.Tiling.NEVER)
     monkeypatch.setattr(fsm, "decode", lambda z, **kw: (_ for _ in ()).throw(RuntimeError("shape bug")))
-    with pytest.raises(RuntimeError, match="shape bug"):  # other errors are not mistaken for memory
-        M.decode_with_head(vae, latent, head, M.Tiling.AUTO)
+    with pytest.raises(RuntimeError, match="shape bug"):
+        vae_decode.decode(vae, latent, head, vae_decode.Tiling.AUTO)
+    assert _no_hooks_left(vae)
 
 
-def test_head_for_another_architecture_is_refused(M, vae):
+def test_head_for_another_architecture_is_refused(vae_decode, vae):
     wrong = LoadedHead(MattingHead(HeadConfig()), "sdxl", path="sdxl_head.safetensors")  # 128-channel decoder
     with pytest.raises(ValueError, match=r"last features have 32 channels, the matting head expects 128 "
                                          r"\(SDXL KL-f8 VAE\)"):
-        M.decode_with_head(vae, torch.zeros(1, 4, 4, 4), wrong)
+        vae_decode.decode(vae, torch.zeros(1, 4, 4, 4), wrong)
     with pytest.raises(ValueError, match="latent has 16 channels"):
-        M.decode_with_head(vae, torch.zeros(1, 16, 4, 4), LoadedHead(MattingHead(SMALL), "sd1"))
+        vae_decode.decode(vae, torch.zeros(1, 16, 4, 4), LoadedHead(MattingHead(SMALL), "sd1"))
 
 
-def test_greenpost_paths(M, vae, head, monkeypatch):
-    """Refine passes the head's alpha as GreenPost's prior; without a head GreenPost keys the decode."""
-    import diffumatting.models.greenpost as gp
+def test_greenpost_paths(matting, vae_decode, vae, head):
+    """With a head and refine: GreenPost keys core's colour with the head's alpha as its prior. Without a head:
+    GreenPost keys core's decode (tiled: core's tiled decode). Values, not only shapes."""
+    from diffumatting.models.greenpost import GreenPostOptions, greenpost
 
-    calls = []
-    real = gp.greenpost
-
-    def spy(image, prior_alpha_bhw=None, options=None):
-        calls.append(None if prior_alpha_bhw is None else prior_alpha_bhw.clone())
-        return real(image, prior_alpha_bhw=prior_alpha_bhw, options=options)
-
-    monkeypatch.setattr(gp, "greenpost", spy)
     latent = _smooth_latent(2, 8, 8, seed=5)
-    _, head_alpha = M.decode_with_head(vae, latent, head)
-    image, alpha, rgba, tmask = M.MattingVAEDecode.execute({"samples": latent}, vae, head).result
-    assert len(calls) == 1 and torch.allclose(calls[0], head_alpha)
-    assert rgba.shape == (2, 64, 64, 4) and torch.equal(rgba[..., 3], alpha)
-    assert torch.allclose(tmask, 1 - alpha)
-    image2, alpha2, rgba2, _ = M.MattingVAEDecode.execute({"samples": latent}, vae, None).result
-    assert len(calls) == 2 and calls[1] is None
-    assert torch.allclose(image2, image, atol=1e-6)
-    assert alpha2.shape == (2, 64, 64) and rgba2.shape == (2, 64, 64, 4)
-    image3, alpha3, _, _ = M.MattingVAEDecode.execute({"samples": latent}, vae, None, tiling="always",
-                                                      tile_size=64, tile_overlap=32).result
-    assert len(calls) == 3 and image3.shape == (2, 64, 64, 3) and alpha3.shape == (2, 64, 64)
+    rgb, head_alpha = vae_decode.decode(vae, latent, head)
+    image, alpha, rgba, tmask = matting.MattingVAEDecode.execute({"samples": latent}, vae, head).result
+    fg, expect = greenpost(rgb, prior_alpha_bhw=head_alpha, options=GreenPostOptions())
+    assert torch.equal(image, rgb) and torch.allclose(alpha, expect, atol=1e-6)
+    assert torch.allclose(rgba[..., :3], fg.clamp(0, 1), atol=1e-6) and torch.equal(rgba[..., 3], alpha)
+    assert torch.equal(tmask, 1 - alpha)
+    unrefined = greenpost(rgb, options=GreenPostOptions())[1]
+    assert not torch.allclose(alpha, unrefined, atol=1e-3), "the head's alpha must steer GreenPost"
+
+    image2, alpha2, rgba2, _ = matting.MattingVAEDecode.execute({"samples": latent}, vae, None).result
+    with torch.no_grad():
+        core = vae.decode(latent).float()
+    fg2, expect2 = greenpost(core, options=GreenPostOptions())
+    assert torch.equal(image2, core) and torch.allclose(alpha2, expect2, atol=1e-6)
+    assert torch.allclose(rgba2[..., :3], fg2.clamp(0, 1), atol=1e-6)
+
+    image3, alpha3, _, _ = matting.MattingVAEDecode.execute({"samples": latent}, vae, None, tiling="always",
+                                                           tile_size=64, tile_overlap=32).result
+    with torch.no_grad():
+        core_t = vae.decode_tiled(latent, **vae_decode.core_tile_args(vae, 64, 32)).float()
+    assert torch.equal(image3, core_t)
+    assert torch.allclose(alpha3, greenpost(core_t, options=GreenPostOptions())[1], atol=1e-6)
 
 
 # --- loader -------------------------------------------------------------------------------------------------
 @pytest.fixture()
-def head_folder(M, tmp_path, monkeypatch):
+def head_folder(matting, tmp_path, monkeypatch):
     import folder_paths
 
     folder = tmp_path / "diffumatting"
@@ -218,15 +270,15 @@ def head_folder(M, tmp_path, monkeypatch):
     return folder
 
 
-def test_loader_lists_and_loads(M, head_folder):
-    assert M.head_files() == ["a.safetensors", "sub/b.safetensors"]
-    combo = M.HeadLoader.define_schema().inputs[0]
+def test_loader_lists_and_loads(matting, head_folder):
+    assert matting.head_files() == ["a.safetensors", "sub/b.safetensors"]
+    combo = matting.HeadLoader.define_schema().inputs[0]
     assert combo.options == ["a.safetensors", "sub/b.safetensors"]
-    loaded = M.HeadLoader.execute("a.safetensors", "as in file").result[0]
+    loaded = matting.HeadLoader.execute("a.safetensors", "as in file").result[0]
     assert isinstance(loaded, LoadedHead) and loaded.vae_family == "sd1" and loaded.config == SMALL
-    assert M.HeadLoader.execute("sub/b.safetensors", "sdxl").result[0].vae_family == "sdxl"
+    assert matting.HeadLoader.execute("sub/b.safetensors", "sdxl").result[0].vae_family == "sdxl"
     with pytest.raises(ValueError, match=r"\('sdxl'\) but is used with the SD1.x/SD2 KL-f8 VAE \('sd1'\)"):
-        M.HeadLoader.execute("sub/b.safetensors", "sd1")
+        matting.HeadLoader.execute("sub/b.safetensors", "sd1")
 
 
 @pytest.mark.parametrize("name,message", [
@@ -237,26 +289,26 @@ def test_loader_lists_and_loads(M, head_folder):
     ("notes.txt", "not a .safetensors file"),
     ("", "no matting head file chosen"),
 ])
-def test_loader_refuses_bad_names(M, head_folder, name, message):
-    result = M.HeadLoader.validate_inputs(head_name=name)
+def test_loader_refuses_bad_names(matting, head_folder, name, message):
+    result = matting.HeadLoader.validate_inputs(head_name=name)
     assert isinstance(result, str) and message in result
     with pytest.raises(ValueError, match=message):
-        M.resolve_head_path(name)
+        matting.resolve_head_path(name)
 
 
-def test_loader_refuses_symlink_escape(M, head_folder):
+def test_loader_refuses_symlink_escape(matting, head_folder):
     (head_folder / "link.safetensors").symlink_to(head_folder.parent / "outside.safetensors")
     with pytest.raises(ValueError, match="outside models/diffumatting"):
-        M.resolve_head_path("link.safetensors")
+        matting.resolve_head_path("link.safetensors")
 
 
-def test_schema_documents_every_socket(M):
-    for node in M.NODES:
+def test_schema_documents_every_socket(matting):
+    for node in matting.NODES:
         s = node.define_schema()
         assert s.node_id.startswith("DiffuMatting") and s.category == "DiffuMatting/matting" and s.description
         for item in [*s.inputs, *s.outputs]:
             assert item.tooltip, (s.node_id, item.id)
-    decode = M.MattingVAEDecode.define_schema()
+    decode = matting.MattingVAEDecode.define_schema()
     head_input = [i for i in decode.inputs if i.id == "head"][0]
     assert head_input.optional and "GreenPost" in head_input.tooltip
     assert [o.id for o in decode.outputs] == ["image", "alpha", "rgba", "transparency_mask"]

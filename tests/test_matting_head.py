@@ -1,4 +1,5 @@
-"""The matting head (models/matting_head.py), its losses, files, taps and tiling, and a learning test."""
+"""The matting head (models/matting_head.py), its losses, files, taps and the one-pass alpha channel
+(models/matting_decode.py), and a learning test."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffumatting.models.matting_decode import decode_rgba, tile_starts, tiled_apply
+from diffumatting.models.matting_decode import AlphaChannel
 from diffumatting.models.matting_head import (FORMAT_VERSION, KIND, FeatureTaps, HeadConfig, HeadTaps, MattingHead,
                                               load_head, save_head)
 from diffumatting.models.matting_losses import (alpha_l1, composition_loss, gradient_loss, matting_loss)
@@ -126,63 +127,34 @@ def test_head_taps_run_the_head_inside_one_decoder_pass():
         plain = dec(z)
     expected = head(taps.features["conv_out:input"], [taps.features["up.1.block.1"]])
     dec.calls = 0
-    with torch.no_grad():
-        rgba = decode_rgba(dec, dec, head, z)
-    assert dec.calls == 1
+    seen = []
+    with torch.no_grad(), AlphaChannel(dec, head, on_call=lambda x: seen.append(tuple(x.shape))) as hooks:
+        rgba = dec(z)
+    assert dec.calls == hooks.calls == 1 and seen == [(2, 4, 10, 14)]
     assert rgba.shape == (2, 4, 20, 28)
     assert torch.allclose(rgba[:, :3], plain, atol=1e-6)
-    assert torch.allclose(rgba[:, 3:], expected, atol=1e-6)
+    assert torch.allclose((rgba[:, 3:] + 1) / 2, expected, atol=1e-6), "alpha stored as 2 * alpha - 1"
     assert not dec.conv_out._forward_pre_hooks and not dec.up[1].block[1]._forward_hooks
+    assert not dec._forward_hooks and not dec._forward_pre_hooks
+    assert torch.equal(dec(z), plain), "the decoder is as before once the hooks are gone"
 
 
 def test_head_taps_removed_on_error_and_missing_modules_named():
     dec = _ToyDecoder()
     head = MattingHead(SMALL)
 
-    def boom(z):
-        dec(z)
+    def stop(_):
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        decode_rgba(boom, dec, head, torch.randn(1, 4, 6, 6))
+    with pytest.raises(KeyboardInterrupt), AlphaChannel(dec, head, on_call=stop):
+        dec(torch.randn(1, 4, 6, 6))
     assert not dec.conv_out._forward_pre_hooks and not dec.up[1].block[1]._forward_hooks
+    assert not dec._forward_hooks and not dec._forward_pre_hooks
     other = HeadConfig.for_decoder(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2)
     with pytest.raises(ValueError, match="no submodule 'up.1.block.2'"):
         with HeadTaps(dec, MattingHead(other)):
             pass
     assert not dec.conv_out._forward_pre_hooks
-
-
-# --- tiling ------------------------------------------------------------------------------------------------
-def test_tile_starts_cover_with_overlap():
-    for length, tile, ov in [(5, 8, 2), (8, 8, 2), (9, 8, 2), (64, 16, 4), (67, 16, 6), (100, 33, 0)]:
-        starts = tile_starts(length, tile, ov)
-        covered = np.zeros(length, bool)
-        for s in starts:
-            covered[s:s + tile] = True
-            assert 0 <= s and s + min(tile, length) <= length
-        assert covered.all()
-        for a, b in zip(starts, starts[1:]):
-            assert a + tile - b >= ov
-    with pytest.raises(ValueError, match="overlap"):
-        tile_starts(10, 4, 4)
-
-
-def test_tiled_apply_blends_exactly_for_a_local_function():
-    """For a per-pixel function tiling must not change anything: the blend weights sum to one."""
-    g = torch.Generator().manual_seed(0)
-    latent = torch.randn(2, 4, 13, 22, generator=g)
-
-    def fn(t):
-        up = torch.nn.functional.interpolate(t, scale_factor=8, mode="nearest")
-        return torch.cat([torch.tanh(up[:, :3]), torch.sigmoid(up[:, 3:])], dim=1)
-
-    whole = fn(latent)
-    calls = []
-    tiled = tiled_apply(latent, fn, 8, tile=6, overlap=2, out_channels=4, on_tile=lambda: calls.append(1))
-    assert tiled.shape == whole.shape and tiled.dtype == torch.float32
-    assert (tiled - whole).abs().max() < 1e-5
-    assert len(calls) == len(tile_starts(13, 6, 2)) * len(tile_starts(22, 6, 2))
 
 
 # --- files -------------------------------------------------------------------------------------------------
