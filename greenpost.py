@@ -9,6 +9,7 @@ reported by name on stderr and the rest are still keyed; the exit status is 1 if
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -33,8 +34,21 @@ def _unit(name: str):
     return parse
 
 
+def _positive(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not math.isfinite(v) or v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a positive number; give e.g. 64")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffumatting.models.greenpost import OPTION_DOCS
+    from diffumatting.models.image_file import BYTES_PER_PIXEL
 
     p = argparse.ArgumentParser(prog="greenpost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=OPTION_DOCS["clip_white"] + " Default 1.")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTPUT_DIR/<stem>.png files (default: refuse to start if any exists)")
+    p.add_argument("--max-megapixels", type=_positive("--max-megapixels"), default=None, metavar="MP",
+                   help="refuse images above this many megapixels, read from the file's header before decoding "
+                        "(default: what the memory available now can key, about "
+                        f"{BYTES_PER_PIXEL} bytes per pixel)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads for torch (default 0: torch's own choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (errors are still printed)")
@@ -103,6 +121,12 @@ def parse_args(argv):
     dup = [names for names in stems.values() if len(names) > 1]
     if dup:
         p.error(f"files {', '.join(dup[0])} would both write {Path(dup[0][0]).stem}.png; rename one of them")
+    try:
+        a.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"cannot create OUTPUT_DIR {a.output_dir} ({e.strerror or e}); give a folder you can write to")
+    if not os.access(a.output_dir, os.W_OK | os.X_OK):
+        p.error(f"OUTPUT_DIR {a.output_dir} is not writable; give a folder you can write to or fix its permissions")
     return a
 
 
@@ -128,18 +152,16 @@ class Progress:
         sys.stderr.flush()
 
 
-def key_file(path: Path, out_dir: Path, options) -> Path:
+def key_file(path: Path, out_dir: Path, options, max_pixels: int | None = None) -> Path:
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from diffumatting.models.atomic import atomic_path
     from diffumatting.models.greenpost import greenpost
+    from diffumatting.models.image_file import read_image
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-        arr = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), np.float32) / 255.0
+    arr = read_image(path, max_pixels=max_pixels)
     warnings = []
     fg, alpha = greenpost(torch.from_numpy(arr)[None], None, options, warnings=warnings)
     for msg in warnings:
@@ -152,20 +174,31 @@ def key_file(path: Path, out_dir: Path, options) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted (Ctrl-C): the images written so far are complete, no partial file is "
+                         "left; run again with --overwrite to redo them\n")
+        return 130
+
+
+def run(args) -> int:
     import torch
+
+    from diffumatting.models.image_file import default_max_pixels
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    max_pixels = default_max_pixels() if args.max_megapixels is None else int(args.max_megapixels * 1e6)
     bar = Progress(len(args.files), enabled=not args.quiet)
     failed = []
     for f in args.files:
         try:
-            key_file(f, args.output_dir, args.options)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one bad file must not stop the rest
+            key_file(f, args.output_dir, args.options, max_pixels)
+        except (ValueError, OSError) as e:  # one bad file must not stop the rest
+            failed.append(f.name)
+            sys.stderr.write(f"\nerror: {f.name}: {e}\n")
+        except Exception as e:
             failed.append(f.name)
             sys.stderr.write(f"\nerror: {f.name}: {type(e).__name__}: {e}\n")
         bar.step(f.name)

@@ -24,6 +24,14 @@ def _check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     return image
 
 
+def check_finite(values: torch.Tensor, name: str, fix: str) -> torch.Tensor:
+    """`values` unchanged, or a ValueError counting its NaN/Inf values, naming `name` and the `fix`."""
+    bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
+    if bad:
+        raise ValueError(f"{name} has {bad} NaN or infinite value(s) out of {values.numel()}; {fix}")
+    return values
+
+
 def normalize_mask(mask: torch.Tensor, batch: int, height: int, width: int, name: str = "alpha") -> torch.Tensor:
     """A MASK as (B,H,W) matching an image of `batch` x `height` x `width`.
 
@@ -38,6 +46,8 @@ def normalize_mask(mask: torch.Tensor, batch: int, height: int, width: int, name
         mask = mask[..., 0]
     if mask.ndim != 3:
         raise ValueError(f"{name} must be a MASK of shape (B,H,W) or (H,W); got {tuple(mask.shape)}")
+    check_finite(mask, name, "the node that made this mask produced invalid numbers; fix or replace that node "
+                             "(an alpha must be within 0..1)")
     if mask.shape[0] not in (1, batch):
         raise ValueError(f"{name} has batch size {mask.shape[0]} but the image has {batch}; pass one mask or "
                          f"one per image")
@@ -72,6 +82,9 @@ def join_alpha(image: torch.Tensor, alpha: torch.Tensor | None = None,
     own alpha channel if it has one, else fully opaque.
     """
     image = _check_image(image)
+    check_finite(image, f"the image ({'RGBA' if image.shape[-1] == 4 else 'colour'})",
+                 "the node that made it produced invalid numbers (an fp16 VAE overflowing gives NaN: decode with "
+                 "--fp32-vae or a VAE fixed for fp16)")
     b, h, w, _ = image.shape
     opacity = image_alpha(image)
     opacity = torch.ones((b, h, w), dtype=image.dtype, device=image.device) if opacity is None else opacity

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .model_files import PICKLE_SUFFIXES
 
 KIND = "matting_head"
 FORMAT_VERSION = 1
@@ -39,7 +40,11 @@ VAE_FAMILIES = {
     "sd1": "SD1.x/SD2 KL-f8 VAE",
     "sdxl": "SDXL KL-f8 VAE",
 }
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Largest sizes a head file may claim (SD1.x/SDXL decoders have 128-512 channels; a head is small). A
+# file claiming more is refused before anything is allocated.
+MAX_SIZES = {"fine_channels": 2048, "coarse_channels": 2048, "coarse_dim": 256, "hidden": 512,
+             "latent_channels": 64, "upscale": 64}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 INPUT_SUFFIX = ":input"   # a tap "name:input" reads a module's input (forward pre-hook), else its output
 
 
@@ -73,6 +78,9 @@ class HeadConfig:
                             ("upscale", self.upscale), *(("coarse_channels", c) for c in self.coarse_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+            elif value > MAX_SIZES[name]:
+                problems.append(f"{name}={value} is above the largest a matting head uses (at most "
+                                f"{MAX_SIZES[name]}): the file is damaged or not a matting head")
         if problems:
             raise ValueError("invalid matting head config: " + "; ".join(problems))
 
@@ -404,11 +412,40 @@ def _read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def load_head(path, expected_family: str | None = None) -> LoadedHead:
-    """Rebuild a head from its safetensors file alone; refuses pickles, truncated files, files that are not
-    matting heads, newer formats and (with `expected_family`) a head for another VAE family."""
+def _build_checked(path: Path, config: HeadConfig, header: dict) -> MattingHead:
+    """The head of `config` with the file's weights: shapes and dtypes are checked against the config from
+    the header first (the head is laid out on the meta device, nothing allocated), then the tensors are
+    read and checked for NaN/Inf."""
     from safetensors.torch import load_file
 
+    with torch.device("meta"):
+        head = MattingHead(config)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    stored = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if tuple(stored[k].get("shape", ())) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path.name}: its tensors do not match its architecture config ({config.to_json()}): "
+                         f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}; the file is damaged")
+    not_float = sorted(k for k, v in stored.items() if v.get("dtype") not in FLOAT_DTYPES)
+    if not_float:
+        raise ValueError(f"{path.name}: tensors {not_float} are not floating point "
+                         f"({stored[not_float[0]].get('dtype')}); the file is damaged or not a matting head")
+    tensors = load_file(str(path))
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path.name}: weights {bad} hold NaN or infinite values (training diverged or the file "
+                         f"is damaged); use an earlier or another head file")
+    head = head.to_empty(device="cpu")
+    head.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return head.eval()
+
+
+def load_head(path, expected_family: str | None = None) -> LoadedHead:
+    """Rebuild a head from its safetensors file alone; refuses pickles, truncated files, files that are not
+    matting heads, newer formats, sizes above MAX_SIZES, weights with NaN/Inf and (with `expected_family`) a
+    head for another VAE family."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path.name}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and "
@@ -436,16 +473,9 @@ def load_head(path, expected_family: str | None = None) -> LoadedHead:
             raise ValueError(f"{path.name} was trained for the {VAE_FAMILIES[family]} ({family!r}) but is used "
                              f"with the {VAE_FAMILIES[expected_family]} ({expected_family!r}); use a head trained "
                              f"for {expected_family!r}")
-    config = HeadConfig.from_json(meta.get("config", ""))
-    head = MattingHead(config)
-    tensors = load_file(str(path))
-    expected = head.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path.name}: its tensors do not match its architecture config ({config.to_json()}): "
-                         f"missing {missing}, unexpected {unexpected}, wrong shape {wrong}; the file is damaged")
-    head.load_state_dict({k: v.float() for k, v in tensors.items()})
-    head.eval()
+    try:
+        config = HeadConfig.from_json(meta.get("config", ""))
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
+    head = _build_checked(path, config, header)
     return LoadedHead(head=head, vae_family=family, metadata=dict(meta), path=os.fspath(path))

@@ -4,24 +4,10 @@ One module per family; each exports NODES, the list of its node classes.
 """
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import ComfyExtension
 
 from . import export, generate, lora, matting, refine
-
-MODEL_FOLDER = "diffumatting"
-
-
-def register_model_folder() -> None:
-    """Register models/diffumatting (head files, UNets) with folder_paths: in memory, nothing written.
-
-    Called from comfy_entrypoint, which every ComfyUI with V3 calls (ComfyExtension.on_load is not
-    called by older hosts such as 0.3.75). Registering twice is harmless.
-    """
-    import folder_paths
-
-    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+from ._files import MODEL_FOLDER, register_model_folder  # noqa: F401  (comfy_entrypoint, older imports)
 
 
 class DiffuMattingExtension(ComfyExtension):

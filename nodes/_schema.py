@@ -33,3 +33,14 @@ def schema(*, search_aliases: list[str] | None = None, **kwargs) -> io.Schema:
 def enum_options(enum: type[Enum]) -> list[str]:
     """Combo options from an Enum, in declaration order."""
     return [member.value for member in enum]
+
+
+def enum_value(enum: type[Enum], value, input_name: str):
+    """The member of `enum` for a Combo value, or a ValueError naming the input, the value and the choices.
+
+    Newer ComfyUI refuses an unknown Combo value at queue time; 0.3.75 does not check V3 Combos there, so
+    the node checks again when it runs."""
+    try:
+        return enum(str(value))
+    except ValueError:
+        raise ValueError(f"{input_name}={value!r} is not one of {enum_options(enum)}; pick one of them") from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from enum import Enum
 
 import torch
@@ -15,7 +17,7 @@ from comfy_api.latest import io, ui
 from ..models.alpha import checkerboard, join_alpha, over, parse_hex_color, split_alpha, trim_to_alpha
 from ..models.atomic import write_all_atomic
 from ..models.png import encode_png
-from ._schema import CATEGORY, enum_options, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/io"
 
@@ -37,11 +39,53 @@ TMASK_TIP = ("Transparency mask, 1 = transparent: the MASK that core's LoadImage
 IMAGE_TIP = "IMAGE with 3 (RGB), 4 (straight RGBA) or 1 (grey) channels."
 
 
+NAME_MAX = 255           # bytes in one file or folder name on common file systems
+NAME_RESERVE = 24        # room the saved name adds to the prefix: "_00001_" + "_matte" + ".png" (and more digits)
+_DATE_TOKEN = re.compile(r"%date:([^%]*)%")
+_DATE_PARTS = re.compile(r"dd?|MM?|hh?|mm?|ss?|yyy?y?")
+
+
+def format_date(fmt: str, now: time.struct_time) -> str:
+    """The frontend's %date:FORMAT% rule: yyyy, yy, MM/M, dd/d, hh/h (24 h), mm/m, ss/s."""
+    values = {"d": now.tm_mday, "M": now.tm_mon, "h": now.tm_hour, "m": now.tm_min, "s": now.tm_sec}
+
+    def part(match) -> str:
+        text = match.group(0)
+        if text == "yyyy":
+            return f"{now.tm_year:04}"
+        if text == "yy":
+            return f"{now.tm_year % 100:02}"
+        if text[0] in values:
+            return str(values[text[0]]).zfill(len(text))
+        return text
+    return _DATE_PARTS.sub(part, fmt)
+
+
+def expand_filename_tokens(prefix: str, now: time.struct_time | None = None) -> str:
+    """%date:FORMAT% tokens filled in here, so they work from every client (the page fills them only for
+    core's own save nodes; API clients never). %year%, %width% ... are filled by core's folder_paths."""
+    now = time.localtime() if now is None else now
+    return _DATE_TOKEN.sub(lambda m: format_date(m.group(1), now), str(prefix))
+
+
+def _check_name_parts(prefix: str, original: str) -> None:
+    if "\0" in prefix:
+        raise ValueError(f"filename_prefix {original!r} contains a NUL byte; remove it")
+    parts = [p for p in prefix.replace("\\", "/").split("/") if p]
+    for i, part in enumerate(parts):
+        limit = NAME_MAX - (NAME_RESERVE if i == len(parts) - 1 else 0)
+        size = len(part.replace("%batch_num%", "9999").encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ValueError(f"filename_prefix part {part[:40]!r}... is {size} bytes long; file and folder names "
+                             f"may have at most {limit} bytes here (the counter and '.png' are added): shorten it")
+
+
 def _resolve_output_path(filename_prefix: str, output_dir: str) -> str:
     """Reject prefixes that would leave the output folder, with a message that says what to write."""
-    prefix = str(filename_prefix).strip()
+    prefix = expand_filename_tokens(str(filename_prefix).strip())
     if not prefix:
         raise ValueError("filename_prefix is empty; write a name such as 'diffumatting/asset'")
+    _check_name_parts(prefix, filename_prefix)
     if os.path.isabs(prefix) or prefix.startswith(("~", "\\")):
         raise ValueError(f"filename_prefix {filename_prefix!r} is an absolute path; write a path relative to "
                          f"ComfyUI's output folder such as 'diffumatting/asset'")
@@ -51,6 +95,26 @@ def _resolve_output_path(filename_prefix: str, output_dir: str) -> str:
         raise ValueError(f"filename_prefix {filename_prefix!r} points outside ComfyUI's output folder; remove "
                          f"'..' parts and write a relative name such as 'diffumatting/asset'")
     return prefix
+
+
+def _stem(name: str, index: int, counter: int) -> str:
+    return f"{name.replace('%batch_num%', str(index))}_{counter + index:05}_"
+
+
+def free_counter(folder: str, name: str, counter: int, count: int) -> int:
+    """The first counter >= `counter` (core's) past every file this name already wrote, %batch_num% filled
+    in: core's own scan looks for the literal token and would start at 1 again, overwriting a run's files."""
+    names = {name.replace("%batch_num%", str(i)) for i in range(count)}
+    pattern = re.compile(r"(?P<name>.*)_(?P<n>\d+)_(?:_matte)?\.png$")
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        m = pattern.match(entry)
+        if m and m.group("name") in names:
+            counter = max(counter, int(m.group("n")) + 1)
+    return counter
 
 
 def _png_text(cls) -> dict[str, str]:
@@ -88,8 +152,9 @@ class SaveRGBA(io.ComfyNode):
                                "alpha unless `alpha` or `transparency_mask` is connected."),
                 io.String.Input("filename_prefix", default="DiffuMatting/asset",
                                 tooltip="File name prefix, relative to ComfyUI's output folder; subfolders "
-                                        "allowed, '..' and absolute paths are refused. Core's %date% style "
-                                        "tokens work."),
+                                        "allowed, '..' and absolute paths are refused. Tokens: "
+                                        "%date:yyyy-MM-dd% (also hh, mm, ss), %year% %month% %day%, "
+                                        "%width% %height%, %batch_num%, and in the page %Node.widget%."),
                 io.Combo.Input("bit_depth", options=enum_options(BitDepth), default=BitDepth.EIGHT.value,
                                tooltip="8 bits per channel (small files) or 16 (smooth gradients, for "
                                        "compositing and print)."),
@@ -106,8 +171,11 @@ class SaveRGBA(io.ComfyNode):
             outputs=[],
         )
 
+    # Validators name only the inputs they check: ComfyUI skips its own min/max/option checks for every
+    # input a validator names (and for all of them when it takes **kwargs), and repeats its message once
+    # per named input.
     @classmethod
-    def validate_inputs(cls, filename_prefix=None, padding=0, **_):
+    def validate_inputs(cls, filename_prefix=None):
         if filename_prefix is not None:
             import folder_paths
 
@@ -125,15 +193,16 @@ class SaveRGBA(io.ComfyNode):
         output_dir = folder_paths.get_output_directory()
         prefix = _resolve_output_path(filename_prefix, output_dir)
         rgba = join_alpha(image.float().cpu(), alpha, transparency_mask)
-        bits = int(BitDepth(str(bit_depth)).value)
+        bits = int(enum_value(BitDepth, bit_depth, "bit_depth").value)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             prefix, output_dir, rgba.shape[2], rgba.shape[1])
+        counter = free_counter(folder, name, counter, rgba.shape[0])
         text = _png_text(cls)
         files, results = [], []
         for i, item in enumerate(rgba):
             if trim:
                 item = trim_to_alpha(item, padding=int(padding))
-            stem = f"{name.replace('%batch_num%', str(i))}_{counter + i:05}_"
+            stem = _stem(name, i, counter)
             files.append((os.path.join(folder, stem + ".png"), encode_png(item.numpy(), bits, text)))
             results.append(ui.SavedResult(stem + ".png", subfolder, io.FolderType.output))
             if save_matte:
@@ -173,7 +242,7 @@ class PreviewRGBA(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, color=None, **_):
+    def validate_inputs(cls, color=None):
         if color is not None:
             try:
                 parse_hex_color(color)
@@ -185,7 +254,7 @@ class PreviewRGBA(io.ComfyNode):
     def execute(cls, image, backdrop="checkerboard", color="#202020", cell=16, alpha=None,
                 transparency_mask=None) -> io.NodeOutput:
         rgba = join_alpha(image.float(), alpha, transparency_mask)
-        mode = Backdrop(str(backdrop))
+        mode = enum_value(Backdrop, backdrop, "backdrop")
         if mode is Backdrop.TRANSPARENT:
             out = rgba
         elif mode is Backdrop.COLOR:

@@ -14,61 +14,19 @@ from comfy_api.latest import io
 from ..models import green_canvas
 from ..models.prompting import DEFAULT_GREEN_PHRASE, GREEN_WORD, add_green_phrase, green_token_positions
 from ..models.unet_layout import Layout, check_compatible, detect_layout, to_ldm
+from ..models.model_files import check_model_name
+from ._files import model_files, resolve_model_file
 from ._schema import CATEGORY, enum_options, schema
 
 FAMILY = f"{CATEGORY}/generate"
 UNET_FOLDERS = ("diffumatting", "diffusion_models")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 UNET_PREFIX = "diffusion_model."
 
 
 # --- files ---------------------------------------------------------------------------------------------
-def _folder_files(folder: str) -> list[str]:
-    import folder_paths
-
-    if folder == "diffumatting":
-        from . import register_model_folder
-
-        register_model_folder()
-    try:
-        return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(".safetensors")]
-    except KeyError:
-        return []
-
-
 def unet_files() -> list[str]:
     """UNet candidates: .safetensors in models/diffumatting, then in models/diffusion_models."""
-    names: list[str] = []
-    for folder in UNET_FOLDERS:
-        names += [n for n in _folder_files(folder) if n not in names]
-    return names
-
-
-def resolve_model_file(name: str, folders: tuple[str, ...], what: str) -> str:
-    """Full path of `name` inside one of `folders`; refuses pickle files and names that leave the folder."""
-    import folder_paths
-
-    name = str(name or "").strip()
-    if not name or name == "None":
-        raise ValueError(f"no {what} file chosen; put a .safetensors file in models/{folders[0]} and pick it")
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{name!r} is a pickle file, which can run code when loaded and is refused; {what} "
-                         f"files load from .safetensors only (convert it to .safetensors first)")
-    if not name.lower().endswith(".safetensors"):
-        raise ValueError(f"{name!r} is not a .safetensors file; {what} files load from .safetensors only")
-    parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]:
-        raise ValueError(f"{what} name {name!r} points outside models/{folders[0]}; pick a file from the list")
-    for folder in folders:
-        if folder == "diffumatting":
-            from . import register_model_folder
-
-            register_model_folder()
-        path = folder_paths.get_full_path(folder, name)
-        if path is not None:
-            return path
-    raise ValueError(f"{what} file {name!r} not found in models/{' or models/'.join(folders)}; pick a file "
-                     f"from the list (refresh the page after adding files)")
+    return model_files(*UNET_FOLDERS)
 
 
 # --- UNet loader ---------------------------------------------------------------------------------------
@@ -92,9 +50,7 @@ def load_unet_weights(path: str, model) -> tuple[dict[str, torch.Tensor], Layout
     """The UNet weights of `path` with ldm keys, checked against `model`; (weights, layout, architecture)."""
     import comfy.utils
 
-    name = os.path.basename(path)
-    if path.lower().endswith(PICKLE_SUFFIXES) or not path.lower().endswith(".safetensors"):
-        raise ValueError(f"{name!r}: only .safetensors UNet files are loaded (pickle files are refused)")
+    name = check_model_name(os.path.basename(path), "UNet", "models/diffumatting")
     try:
         sd = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as e:  # a truncated or foreign file: name it
@@ -105,8 +61,17 @@ def load_unet_weights(path: str, model) -> tuple[dict[str, torch.Tensor], Layout
         raise ValueError(f"{name!r}: {e}") from e
     dmap = diffusers_key_map(model) if layout is Layout.DIFFUSERS else None
     weights = to_ldm(sd, layout, prefix, dmap)
+    refuse_non_finite(weights, f"UNet file {name!r}")
     arch = check_compatible({k: v.shape for k, v in weights.items()}, base_unet_shapes(model), name=repr(name))
     return weights, layout, arch
+
+
+def refuse_non_finite(weights: dict[str, torch.Tensor], what: str) -> None:
+    """A ValueError naming the tensors of `weights` that hold NaN or Inf (they would make every image NaN)."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what}: {len(bad)} of {len(weights)} weight tensors hold NaN or infinite values (e.g. "
+                         f"{bad[:3]}): training diverged or the file is damaged; use an earlier checkpoint")
 
 
 def unet_patches(weights: dict[str, torch.Tensor], strength: float) -> tuple[dict, float, float]:
@@ -165,7 +130,7 @@ class UNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, unet_name=None, strength=None, **_):
+    def validate_inputs(cls, unet_name=None):  # only what it checks: core checks the rest
         if unet_name is not None:
             try:
                 resolve_model_file(unet_name, UNET_FOLDERS, "UNet")
@@ -320,7 +285,7 @@ class GreenCanvas(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, key_color=None, **_):
+    def validate_inputs(cls, key_color=None):  # only what it checks: core checks the rest
         if key_color is not None:
             try:
                 green_canvas.hex_to_rgb(key_color)

@@ -11,49 +11,32 @@ convolutions, feed-forward, text encoder), where most of a style lives.
 """
 from __future__ import annotations
 
-import os
+import math
 
 from comfy_api.latest import io
 
+from ._files import model_files, resolve_model_file
 from ._schema import CATEGORY, schema
 
 FAMILY = f"{CATEGORY}/generate"
 ROWS = 4
 NONE = "None"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 CROSS_ATTENTION_MARK = "attn2"
 LoraStackType = io.Custom("LORA_STACK")
 
 
 def lora_files() -> list[str]:
-    import folder_paths
-
-    return [f for f in folder_paths.get_filename_list("loras") if f.lower().endswith(".safetensors")]
+    return model_files("loras")
 
 
 def resolve_lora(name: str) -> str:
-    import folder_paths
-
-    name = str(name)
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"LoRA {name!r} is a pickle file, which can run code when loaded and is refused; "
-                         f"use a .safetensors LoRA")
-    parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\", "~")) or ".." in parts:
-        raise ValueError(f"LoRA name {name!r} points outside models/loras; use a name from the loras list")
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise ValueError(f"LoRA {name!r} not found in models/loras (a LORA_STACK entry or row names a file "
-                         f"that is not there); available: {lora_files()[:20]}")
-    return path
+    return resolve_model_file(name, ("loras",), "LoRA")
 
 
 def load_lora_file(name: str) -> dict:
     import comfy.utils
 
     path = resolve_lora(name)
-    if not path.lower().endswith(".safetensors"):
-        raise ValueError(f"LoRA {name!r} is not a .safetensors file; only .safetensors LoRAs are loaded")
     try:
         sd = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as e:
@@ -82,7 +65,15 @@ def normalise_stack(stack) -> list[tuple[str, float, float]]:
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ValueError(f"lora_stack entry {i} is {entry!r}; expected (name, model_strength, clip_strength)")
         name, ms, cs = entry
-        out.append((str(name), float(ms), float(cs)))
+        try:
+            ms, cs = float(ms), float(cs)
+        except (TypeError, ValueError):
+            raise ValueError(f"lora_stack entry {i} ({name!r}) has strengths {entry[1]!r}, {entry[2]!r}; expected "
+                             f"numbers") from None
+        if not (math.isfinite(ms) and math.isfinite(cs)):
+            raise ValueError(f"LoRA {name!r} has strength model={ms}, clip={cs}; strengths must be finite numbers "
+                             f"(e.g. 1.0); set the row's strength again")
+        out.append((str(name), ms, cs))
     return out
 
 
@@ -115,19 +106,33 @@ def apply_lora(model, clip, lora: dict, strength_model: float, strength_clip: fl
     return (m if use_model else model), (c if use_clip else clip)
 
 
+def _patch_count(model, clip) -> int | None:
+    """Patch entries on a MODEL and a CLIP (a LoRA adds one per weight it matches); None if not countable."""
+    patchers = [p for p in (model, getattr(clip, "patcher", None)) if p is not None]
+    if not all(isinstance(getattr(p, "patches", None), dict) for p in patchers):
+        return None
+    return sum(len(v) for p in patchers for v in p.patches.values())
+
+
 def apply_stack(model, clip, stack, model_only: bool = False, green_protection: float = 0.0,
                 unprotected: frozenset[int] = frozenset()):
     """Apply every (name, model_strength, clip_strength) of `stack` in order; returns (model, clip).
 
     Entries whose index is in `unprotected` are applied at full strength whatever `green_protection` is
-    (a LoRA trained with the DiffuMatting trainer must never be damped).
-    """
+    (a LoRA trained with the DiffuMatting trainer must never be damped). A LoRA that matches none of the
+    weights it is applied to is an error (another model family)."""
     for i, (name, ms, cs) in enumerate(normalise_stack(stack)):
         if ms == 0 and (cs == 0 or model_only or clip is None):
             continue
         lora = load_lora_file(name)
         protection = 0.0 if i in unprotected else green_protection
+        before = _patch_count(model, None if model_only else clip)
         model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, protection)
+        if before is not None and _patch_count(model, None if model_only else clip_out) == before:
+            raise ValueError(f"LoRA {name!r} matches none of the weights of this "
+                             f"{'MODEL' if model_only or clip is None else 'MODEL or CLIP'}: it was made for another "
+                             f"model family (e.g. an SDXL LoRA on an SD1.5 checkpoint) or is not a LoRA; pick a "
+                             f"LoRA trained for this checkpoint")
         if not model_only:
             clip = clip_out
     return model, clip

@@ -5,18 +5,17 @@ MASK convention (1 = transparent), i.e. 1 - alpha.
 """
 from __future__ import annotations
 
-import os
 from enum import Enum
 
 import torch
 from comfy_api.latest import io
 
-from ..models.matting_head import PICKLE_SUFFIXES, LoadedHead, load_head
-from ._schema import CATEGORY, enum_options, schema
+from ..models.matting_head import LoadedHead, load_head
+from ._files import MODEL_FOLDER, model_files, resolve_model_file
+from ._schema import CATEGORY, enum_options, enum_value, schema
 from ._vae_decode import Tiling, decode
 
 FAMILY = f"{CATEGORY}/matting"
-MODEL_FOLDER = "diffumatting"
 MattingHeadType = io.Custom("DIFFUMATTING_HEAD")
 
 ALPHA_TIP = "Opacity, 1 = opaque object, 0 = background (this pack's `alpha` convention)."
@@ -31,54 +30,14 @@ class FamilyCheck(str, Enum):
 
 
 # --- head files --------------------------------------------------------------------------------------
-def _head_roots() -> list[str]:
-    import folder_paths
-
-    try:
-        return list(folder_paths.get_folder_paths(MODEL_FOLDER))
-    except KeyError:
-        from . import register_model_folder
-
-        register_model_folder()
-        return list(folder_paths.get_folder_paths(MODEL_FOLDER))
-
-
 def head_files() -> list[str]:
     """The .safetensors files in the diffumatting model folder(s), as relative names."""
-    names = set()
-    for root in _head_roots():
-        if not os.path.isdir(root):
-            continue
-        for dirpath, _, files in os.walk(root, followlinks=True):
-            for f in files:
-                if f.lower().endswith(".safetensors"):
-                    names.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(names)
+    return model_files(MODEL_FOLDER)
 
 
 def resolve_head_path(name: str) -> str:
     """Full path of head file `name` inside the diffumatting folder; refuses names that leave it."""
-    name = str(name or "").strip()
-    if not name:
-        raise ValueError("no matting head file chosen; put a .safetensors head in models/diffumatting and pick it")
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise ValueError(f"{name!r} is a pickle file, which can run code when loaded and is refused; matting heads "
-                         f"load from .safetensors only")
-    if not name.lower().endswith(".safetensors"):
-        raise ValueError(f"{name!r} is not a .safetensors file; matting heads are .safetensors files in "
-                         f"models/diffumatting")
-    parts = name.replace("\\", "/").split("/")
-    if os.path.isabs(name) or name.startswith(("/", "\\", "~")) or ".." in parts or ":" in parts[0]:
-        raise ValueError(f"head name {name!r} points outside models/diffumatting; pick a file from the list")
-    roots = _head_roots()
-    for root in roots:
-        real_root = os.path.realpath(root)
-        candidate = os.path.realpath(os.path.join(real_root, *parts))
-        if os.path.commonpath([real_root, candidate]) != real_root:
-            raise ValueError(f"head name {name!r} points outside models/diffumatting; pick a file from the list")
-        if os.path.isfile(candidate):
-            return candidate
-    raise ValueError(f"matting head {name!r} not found in {roots}; available: {head_files()[:20]}")
+    return resolve_model_file(name, (MODEL_FOLDER,), "matting head")
 
 
 class HeadLoader(io.ComfyNode):
@@ -108,7 +67,7 @@ class HeadLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, head_name=None, **_):
+    def validate_inputs(cls, head_name=None):  # only what it checks: core checks the rest
         if head_name is not None:
             try:
                 resolve_head_path(head_name)
@@ -118,7 +77,7 @@ class HeadLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, head_name, vae_family=FamilyCheck.FROM_FILE.value) -> io.NodeOutput:
-        check = FamilyCheck(str(vae_family))
+        check = enum_value(FamilyCheck, vae_family, "vae_family")
         expected = None if check is FamilyCheck.FROM_FILE else check.value
         return io.NodeOutput(load_head(resolve_head_path(head_name), expected_family=expected))
 
@@ -184,7 +143,7 @@ class MattingVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, head=None, refine_with_greenpost=True, tiling=Tiling.AUTO.value,
                 tile_size=512, tile_overlap=64) -> io.NodeOutput:
         latent = samples["samples"] if isinstance(samples, dict) else samples
-        mode = Tiling(str(tiling))
+        mode = enum_value(Tiling, tiling, "tiling")
         if head is not None and not isinstance(head, LoadedHead):
             raise ValueError(f"head must come from Load Matting Head, got {type(head).__name__}")
         rgb, alpha = decode(vae, latent, head, mode, int(tile_size), int(tile_overlap))

@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..models.alpha import parse_hex_color
 from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, greenpost
-from ._schema import CATEGORY, enum_options, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/refine"
 
@@ -23,7 +23,7 @@ TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that co
 
 
 def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white) -> GreenPostOptions:
-    mode = KeyMode(str(key_mode))
+    mode = enum_value(KeyMode, key_mode, "key_mode")
     key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
     return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
                             clip_black=float(clip_black), clip_white=float(clip_white))
@@ -78,15 +78,15 @@ class GreenPost(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, key_mode=None, key_color=None, clip_black=None, clip_white=None, **_):
-        if key_mode is not None and key_color is not None and str(key_mode) == KeyMode.PICKED.value:
+    def validate_inputs(cls, key_color=None):
+        """key_color's syntax, at queue time. Naming only key_color keeps ComfyUI's own range and option
+        checks on the other inputs and gives one message; a grey picked key and clip_black >= clip_white
+        are refused when the node runs (GreenPostOptions), since they involve two inputs."""
+        if key_color is not None:
             try:
-                GreenPostOptions(key_color=parse_hex_color(key_color))
+                parse_hex_color(key_color)
             except ValueError as e:
-                return str(e)
-        if clip_black is not None and clip_white is not None and float(clip_black) >= float(clip_white):
-            return (f"clip_black={clip_black} must be below clip_white={clip_white}; lower clip_black or raise "
-                    f"clip_white")
+                return f"{e} (key_color is used when key_mode is 'picked')"
         return True
 
     @classmethod

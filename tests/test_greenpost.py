@@ -285,11 +285,12 @@ def test_node_schema_tooltips_and_validation(refine):
     tips = {o.id: o.tooltip for o in schema.outputs}
     assert "1 = opaque" in tips["alpha"] and "1 = transparent" in tips["transparency_mask"]
     assert "1 = opaque" in next(i.tooltip for i in schema.inputs if i.id == "alpha_prior")
-    assert refine.GreenPost.validate_inputs(key_mode="picked", key_color="#00b140") is True
-    assert "hex colour" in refine.GreenPost.validate_inputs(key_mode="picked", key_color="green")
-    assert "grey" in refine.GreenPost.validate_inputs(key_mode="picked", key_color="#808080")
-    assert refine.GreenPost.validate_inputs(key_mode="auto", key_color="nonsense") is True
-    assert "clip_black" in refine.GreenPost.validate_inputs(clip_black=0.8, clip_white=0.2)
+    assert refine.GreenPost.validate_inputs(key_color="#00b140") is True
+    assert "hex colour" in refine.GreenPost.validate_inputs(key_color="green")
+    with pytest.raises(ValueError, match="grey"):  # two-input checks run with the node (issue 13)
+        refine.GreenPost.execute(torch.rand(1, 8, 8, 3), key_mode="picked", key_color="#808080")
+    with pytest.raises(ValueError, match="clip_black"):
+        refine.GreenPost.execute(torch.rand(1, 8, 8, 3), clip_black=0.8, clip_white=0.2)
     with pytest.raises(ValueError, match="alpha_prior"):
         refine.GreenPost.execute(torch.rand(2, 8, 8, 3), alpha_prior=torch.rand(3, 8, 8))
 

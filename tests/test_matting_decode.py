@@ -296,10 +296,11 @@ def test_loader_refuses_bad_names(matting, head_folder, name, message):
         matting.resolve_head_path(name)
 
 
-def test_loader_refuses_symlink_escape(matting, head_folder):
+def test_loader_follows_a_link_the_user_placed_as_core_does(matting, head_folder):
+    """A name cannot leave the folder; a link the user put in the folder is followed, as folder_paths does."""
     (head_folder / "link.safetensors").symlink_to(head_folder.parent / "outside.safetensors")
-    with pytest.raises(ValueError, match="outside models/diffumatting"):
-        matting.resolve_head_path("link.safetensors")
+    assert matting.resolve_head_path("link.safetensors") == str(head_folder / "link.safetensors")
+    assert "link.safetensors" in matting.head_files()
 
 
 def test_schema_documents_every_socket(matting):

@@ -38,6 +38,7 @@ from .refiner_kinds import KIND_BUILDERS
 from .refiner_objects import Ctx, bezier, blur_premultiplied, fbm, hsv_rgb, motion_kernel
 
 STREAM_TAG = 0x6B657964   # part of every sample's seed sequence: changing it changes every sample
+DATA_VERSION = "1"        # bump when any sample changes; record it with whatever is trained on the data
 KINDS = ("hair", "fur", "wire", "mesh", "foliage", "glass", "smoke", "motion", "text", "solid", "greenish")
 # how often each kind is drawn (hair/fur/motion/greenish are where keyers fail most)
 KIND_WEIGHTS = np.array([3, 2, 1, 1, 1.5, 1, 1, 1.5, 1, 1.5, 1.5], np.float64)
