@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -151,10 +152,16 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--key-color: {e}")
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(143)  # unwinds through `finally`: servers this run launched are stopped
+
+
 def main(argv: list[str]) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     validate(p, a)
+    if a.demo or a.launch:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from diffumatting.factory.jobs import JobError, load_prompts, make_jobs
     from diffumatting.factory.output import OutputError
     from diffumatting.factory.run import LocalServers, RunConfig, gpu_count, load_backgrounds, run_dataset

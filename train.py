@@ -23,17 +23,21 @@ _package.register()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from diffumatting.training import config as train_config
+
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Precedence: defaults < --preset < --config < flags and --set.")
     p.add_argument("--config", help="TOML config file (see configs/default.toml for every key)")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: tiny random SD1.5-shaped model + generated data, "
+    p.add_argument("--preset", choices=list(train_config.PRESETS), help="tiny: tiny random SD1.5-shaped model + generated data, "
                                                        "both stages on the CPU in minutes")
     p.add_argument("--out", help="output folder (run.out): checkpoints/, samples/, log.csv, trained files")
     p.add_argument("--checkpoint", help="base SD1.x/SD2/SDXL checkpoint .safetensors (model.checkpoint)")
     p.add_argument("--data", help="data folder (data.path): RGBA PNGs, or image/ + alpha/ pairs")
     p.add_argument("--stages", help="comma list of stages to run: unet,head (run.stages)")
-    p.add_argument("--mode", choices=["lora", "full"], help="UNet fine-tune mode (unet.mode)")
+    p.add_argument("--mode", choices=list(typing.get_args(train_config.UnetMode)), help="UNet fine-tune mode (unet.mode)")
     p.add_argument("--unet-steps", type=int, help="UNet stage steps (unet.steps)")
     p.add_argument("--head-steps", type=int, help="matting head stage steps (head.steps)")
     p.add_argument("--batch-size", type=int, help="global batch size of both stages")
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for time-limited jobs: continue with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (run.progress = false)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--print-default-config", action="store_true",
+                   help="print every key with its default and documentation (configs/default.toml) and exit")
     return p
 
 
@@ -81,12 +87,22 @@ def overrides_from_args(args) -> dict:
     return o
 
 
+def _error(message: str, code: int) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     from diffumatting.training import config as train_config
     from diffumatting.training import distributed
 
     args = build_parser().parse_args(argv)
+    if args.print_default_config:
+        print(train_config.default_toml(), end="")
+        return 0
     try:
+        if args.stop_after is not None and args.stop_after < 1:
+            raise train_config.ConfigError(f"--stop-after {args.stop_after}: give a number of steps >= 1")
         overrides = overrides_from_args(args)
         base = None
         if args.resume and not args.config and not args.preset:
@@ -101,24 +117,27 @@ def main(argv=None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         train_config.validate(cfg, world_size=world)
     except train_config.ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
     if args.print_config:
         print(train_config.to_toml(cfg))
         return 0
-    dist = distributed.setup(cfg.run.device)
+    from diffumatting.training.session import TrainError
+
+    try:
+        dist = distributed.setup(cfg.run.device)
+    except (RuntimeError, ValueError) as e:
+        return _error(f"could not join the torchrun process group ({e}); check the torchrun arguments", 2)
     try:
         from diffumatting.training.loop import Trainer
 
-        if args.stop_after is not None and args.stop_after < 1:
-            print("train.py: error: --stop-after must be >= 1", file=sys.stderr)
-            return 2
-        trainer = Trainer(cfg, dist, resume=args.resume, stop_after=args.stop_after)
-        try:
-            return trainer.run()
-        except train_config.ConfigError as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            return 2
+        return Trainer(cfg, dist, resume=args.resume, stop_after=args.stop_after).run()
+    except train_config.ConfigError as e:
+        return _error(str(e), 2)
+    except TrainError as e:
+        return _error(str(e), 1)
+    except OSError as e:
+        return _error(f"{e.strerror or e} ({e.filename or cfg.run.out}); check the folder exists and is writable, "
+                      f"and that the disk has space", 1)
     finally:
         dist.shutdown()
 

@@ -11,7 +11,7 @@ Asset mode: OUT/<prompt words>-<n>.png (trimmed RGBA) instead of samples/<id>/, 
 
 A sample's files are written all-or-nothing (models/atomic.write_all_atomic), then its manifest line is
 appended and fsync'ed: a crash between the two leaves files without a line, which a resume redoes and
-replaces. A partial last line (killed mid-append) is cut off on resume; temporaries are removed.
+replaces. A partial last line (killed mid-append) is cut off on resume; a killed run's temporaries are removed.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from ..models.atomic import write_all_atomic, write_bytes_atomic
+from ..models.atomic import clean_stale_temporaries, write_all_atomic, write_bytes_atomic
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
@@ -70,13 +70,12 @@ class OutputFolder:
         write_bytes_atomic(path, (json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
 
     def _remove_temporaries(self) -> None:
+        """Remove temporaries a killed run left (models/atomic: those whose writing process is gone)."""
         for folder in (self.root, self.root / "samples", self.root / "rejected"):
             if not folder.is_dir():
                 continue
-            for dirpath, _, files in os.walk(folder):
-                for f in files:
-                    if f.startswith(".") and f.endswith(".tmp"):
-                        os.unlink(os.path.join(dirpath, f))
+            for dirpath, _, _ in os.walk(folder):
+                clean_stale_temporaries(dirpath)
 
     def _load_manifest(self) -> None:
         path = self.root / MANIFEST

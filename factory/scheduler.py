@@ -209,6 +209,7 @@ class Scheduler:
                 if job is None:
                     slots.release()
                     break
+                t_submit = time.monotonic()
                 try:
                     pid, roles = await self._submit(session, server, client_id, job)
                 except ServerDied:
@@ -216,7 +217,7 @@ class Scheduler:
                     raise
                 conn.waiting[pid] = asyncio.get_running_loop().create_future()
                 conn.in_flight[pid] = job
-                t = asyncio.create_task(self._handle(session, server, job, pid, roles, conn, slots))
+                t = asyncio.create_task(self._handle(session, server, job, pid, roles, conn, slots, t_submit))
                 handlers.add(t)
                 t.add_done_callback(handlers.discard)
             if self.stopping:
@@ -303,8 +304,8 @@ class Scheduler:
             conn.kill(ServerDied("websocket closed"))
 
     async def _handle(self, session, server: Server, job, pid: str, roles: dict, conn: "_Connection",
-                      slots: asyncio.Semaphore) -> None:
-        t_submit = time.monotonic()
+                      slots: asyncio.Semaphore, t_submit: float) -> None:
+        """Wait for one prompt, fetch its files, hand them to commit. t_submit: before its POST /prompt."""
         try:
             t_done = await asyncio.wait_for(conn.waiting[pid], self.job_timeout)
             files, server_exec = await self._fetch(session, server, pid, roles)

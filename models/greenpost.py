@@ -101,6 +101,13 @@ def _min_pool(m: torch.Tensor, f: int) -> torch.Tensor:
     return -F.max_pool2d(-m, f, stride=f, ceil_mode=True)
 
 
+def _max_pool(m: torch.Tensor, f: int) -> torch.Tensor:
+    """Maximum over f x f blocks (ragged border blocks take what they have). m: (N, C, H, W)."""
+    if f == 1:
+        return m
+    return F.max_pool2d(m, f, stride=f, ceil_mode=True)
+
+
 def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
     if r <= 0:
         return m
@@ -213,7 +220,8 @@ def _grid_factor(H: int, W: int, target: int) -> int:
 
 BAND_PIXELS = 1 << 20  # full-resolution work runs in row bands of about this many pixels (bounds memory)
 REACH = 1 / 100  # solid interior / clean backing: this fraction of the short side from any doubt
-CLEAN_SIGMAS = 4.0     # a pixel this many noise deviations off the backing plate is not clean backing
+CLEAN_SIGMAS = 2.0     # a block whose mean squared distance to the plate exceeds this many times the noise
+                       # variance (plus 0.01^2) is not clean backing
 
 
 def _noise_var(xs: torch.Tensor, ms: torch.Tensor, B_low: torch.Tensor) -> torch.Tensor:
@@ -234,9 +242,9 @@ def _up_rows(low: torch.Tensor, size: tuple[int, int], y0: int, y1: int) -> torc
     i0 = ys.floor().long().clamp_(max=h - 1)
     i1 = (i0 + 1).clamp_(max=h - 1)
     lam = (ys - i0).clamp_(0, 1).float().view(1, 1, -1, 1)
-    r0, r1 = int(i0[0]), int(i1[-1]) + 1
-    rows = F.interpolate(low[:, :, r0:r1], size=(r1 - r0, W), mode="bilinear", align_corners=False)
-    return torch.lerp(rows[:, :, i0 - r0], rows[:, :, i1 - r0], lam)
+    # vertical interpolation on the coarse columns, then horizontal (vertically the identity) to W
+    rows = torch.lerp(low[:, :, i0], low[:, :, i1], lam)
+    return F.interpolate(rows, size=(y1 - y0, W), mode="bilinear", align_corners=False)
 
 
 def _bands(H: int, W: int, align: int):
@@ -290,7 +298,8 @@ class _Plan:
     e_key: float
     B_low: torch.Tensor     # (1, 3, gh, gw)
     var_n: torch.Tensor     # (3,)
-    low: torch.Tensor       # (1, 14, gh, gw): wn, wB, F0, lo, inv_range, c1, inv_e, sig1, opaque, clean
+    low: torch.Tensor       # (1, 12 or 13, gh, gw): wn, wB, F0, lo, inv_range, c1, inv_e, hold (+1 opaque
+                            # interior, -1 clean backing), and with a prior sig1
     sig0: torch.Tensor
     sig1: torch.Tensor
 
@@ -316,7 +325,7 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
     s = max(1, int(math.sqrt(H * W / 65536)))  # stride of the noise subsample
 
     # pass 1: block means and second moments, and which blocks are sure backing / object / seeds
-    acc = {k: [] for k in ("xl", "xx", "bg", "notbg", "seeds", "near", "xs", "ms")}
+    acc = {k: [] for k in ("xl", "xx", "bg", "notbg", "seeds", "near", "held", "xs", "ms")}
     for y0, y1 in bands:
         x = _rows(rgb, y0, y1)
         _, screen = _screen(x, p, o, e_key, kp)
@@ -324,23 +333,28 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
         not_bg = (screen < 0.25).float()
         seeds = (screen < 0.1).float()
         near = (screen > 0.35).float()
+        held = torch.zeros_like(near)
         if prior is not None:
             pr = prior[y0:y1][None, None]
             sure_bg.mul_((pr < 0.1).float())
             seeds = torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float())
             not_bg = torch.maximum(not_bg, (pr > 0.5).float())
             near.mul_((pr < 0.5).float())
+            held = (pr > 0.02).float()
         acc["xl"].append(_pool(x, f))
         acc["xx"].append(_pool(x * x, f))
-        acc["bg"].append(_min_pool(sure_bg, f))
-        acc["notbg"].append(_min_pool(not_bg, f))
-        acc["seeds"].append(_min_pool(seeds, f))
-        acc["near"].append(F.max_pool2d(near, f, stride=f, ceil_mode=True) if f > 1 else near)
+        # one pooling call: block minima (as negated maxima) of three masks, block maxima of two
+        pooled = _max_pool(torch.cat([-sure_bg, -not_bg, -seeds, near, held], 1), f)
+        acc["bg"].append(-pooled[:, 0:1])
+        acc["notbg"].append(-pooled[:, 1:2])
+        acc["seeds"].append(-pooled[:, 2:3])
+        acc["near"].append(pooled[:, 3:4])
+        acc["held"].append(pooled[:, 4:5])
         r = torch.arange(y0, y1, device=dev)
         keep = (r % s == 0).nonzero().view(-1)
         acc["xs"].append(x[:, :, keep, ::s])
         acc["ms"].append(sure_bg[:, :, keep, ::s])
-    xl, xx, m_bg, not_bg_low, seeds_pool, near_low, xs, ms = (torch.cat(acc[k], 2) for k in acc)
+    xl, xx, m_bg, not_bg_low, seeds_pool, near_low, held_low, xs, ms = (torch.cat(acc[k], 2) for k in acc)
     del acc
 
     # the backing plate from the sure-backing blocks, filled under the object; the photo's noise on it
@@ -349,20 +363,13 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
         B_low = key.view(1, 3, 1, 1).expand_as(xl).clone()
     var_n = _noise_var(xs, ms, B_low)
 
-    # pass 2: blocks whose every pixel differs clearly from the plate (objects of the key's own hue)
-    # and blocks with any pixel off the plate by more than the noise (not clean backing)
-    thr = 16.0 * float(var_n.sum()) + 0.15 ** 2
-    thr_clean = CLEAN_SIGMAS ** 2 * float(var_n.sum()) + 0.02 ** 2
-    differs, off_plate = [], []
-    for y0, y1 in bands:
-        x = _rows(rgb, y0, y1)
-        d2 = ((x - _up_rows(B_low, (H, W), y0, y1)) ** 2).sum(1, keepdim=True)
-        differs.append(_min_pool((d2 > thr).float(), f))
-        off = (d2 > thr_clean).float()
-        if prior is not None:
-            off = torch.maximum(off, (prior[y0:y1][None, None] > 0.02).float())
-        off_plate.append(F.max_pool2d(off, f, stride=f, ceil_mode=True) if f > 1 else off)
-    differs, off_plate = torch.cat(differs, 2), torch.cat(off_plate, 2)
+    # blocks that differ clearly from the plate (objects of the key's own hue), and blocks off the plate by
+    # more than the noise (not clean backing), from the blocks' mean squared distance to the plate,
+    # sum_c <x_c^2> - 2 B_c <x_c> + B_c^2 (the plate is smooth: constant over a block)
+    msd = (xx - 2.0 * B_low * xl + B_low * B_low).sum(1, keepdim=True)
+    noise = float(var_n.sum())
+    differs = (msd > 16.0 * noise + 0.15 ** 2).float()
+    off_plate = torch.maximum((msd > CLEAN_SIGMAS * noise + 0.01 ** 2).float(), held_low)
 
     # foreground seeds: no key excess, away from the backing; plus the solid interior of regions that
     # differ clearly from the plate but have no clean seed nearby
@@ -407,9 +414,8 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
     # (texture such as fur must not leave transparent specks there); clean backing: blocks farther than
     # REACH from any pixel off the plate are exactly transparent
     reach = max(1, math.ceil(max(2.0, min(H, W) * REACH) / f))
-    opaque = 1.0 - _dilate(near_low, reach)
-    clean = 1.0 - _dilate(off_plate, reach)
-    low = torch.cat([wn, wB, F0_low, lo, inv_range, c1, inv_e, sig1, opaque, clean], 1)
+    hold = (1.0 - _dilate(near_low, reach)) - (1.0 - _dilate(off_plate, reach))  # +1 opaque, -1 clean
+    low = torch.cat([wn, wB, F0_low, lo, inv_range, c1, inv_e, hold] + ([sig1] if prior is not None else []), 1)
     return _Plan(size=(H, W), f=f, key=key, p=p, o=o, e_key=e_key, B_low=B_low, var_n=var_n, low=low, sig0=sig0,
                  sig1=sig1)
 
@@ -423,9 +429,8 @@ def _key_rows(rgb: torch.Tensor, prior: torch.Tensor | None, plan: _Plan, opt: G
     x = _rows(rgb, y0, y1)
     B = _up_rows(plan.B_low, plan.size, y0, y1)
     up = _up_rows(plan.low, plan.size, y0, y1)
-    wnf, wBf, F0, lof, invr, c1f, inv_ef, s1f, opq, cln = (up[:, 0:3], up[:, 3:4], up[:, 4:7], up[:, 7:8],
-                                                           up[:, 8:9], up[:, 9:10], up[:, 10:11], up[:, 11:12],
-                                                           up[:, 12:13], up[:, 13:14])
+    wnf, wBf, F0, lof, invr, c1f, inv_ef, hold = (up[:, 0:3], up[:, 3:4], up[:, 4:7], up[:, 7:8], up[:, 8:9],
+                                                  up[:, 9:10], up[:, 10:11], up[:, 11:12])
     marg = 2.0 * plan.var_n.sqrt()
 
     # alpha: projection, physical bounds, noise snapping
@@ -441,13 +446,13 @@ def _key_rows(rgb: torch.Tensor, prior: torch.Tensor | None, plan: _Plan, opt: G
     a = torch.maximum(a, a_min)
     a = torch.minimum(a, c1f - _excess(x, p, o) * inv_ef)
     a = a.sub_(lof).mul_(invr).clamp_(0, 1)
-    a = torch.maximum(a, (opq > 0.999).float()).mul_((cln < 0.999).float())
+    a = torch.maximum(a, (hold > 0.999).float()).mul_((hold > -0.999).float())
 
     if prior is not None:
         # where the colours barely separate object and backing (< ~6 deviations) the prior decides; it is
         # also a garbage matte (clearly outside -> 0) and a holdout matte (solid inside -> 1)
         pr = prior[y0:y1][None, None]
-        conf = ((1.0 / s1f.clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
+        conf = ((1.0 / up[:, 12:13].clamp_min(1e-6) - 2.0) / 4.0).clamp(0, 1)
         a = conf * a + (1 - conf) * pr
         r = _prior_radius(H, W)
         a = torch.maximum(a * _dilate((pr > 0.02).float(), r), _erode((pr > 0.98).float(), r))

@@ -193,3 +193,28 @@ def detail_loss(pred: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, b
     if sample_weight is not None:
         per = per * sample_weight.to(per)
     return per.mean()
+
+
+DETAIL_WEIGHTINGS = ("low_noise", "sqrt_alpha_bar")
+
+
+def detail_sample_weight(alpha_bar: torch.Tensor, prediction: str, weighting: str = "low_noise") -> torch.Tensor:
+    """(B,) per-sample weight of the detail loss computed on the predicted x0.
+
+    The predicted x0 depends on the model output with slope c = sqrt((1 - a) / a) (eps) or sqrt(1 - a)
+    (v), so a weight w gives the detail term a gradient on the output proportional to w * c.
+    - "low_noise": w = a / c, so that gradient scales with alpha_bar: largest at low noise, where edges
+      can form, and vanishing at high noise, where the predicted x0 is a blur whatever the model does;
+    - "sqrt_alpha_bar": w = sqrt(a) (the first version): the gradient then scales with sqrt(1 - a),
+      largest at HIGH noise.
+    """
+    a = alpha_bar.float()
+    if weighting == "sqrt_alpha_bar":
+        return a.sqrt()
+    if weighting != "low_noise":
+        raise ValueError(f"detail weighting {weighting!r}: use one of {DETAIL_WEIGHTINGS}")
+    if _check_prediction(prediction) == "eps":
+        slope = (1 - a).clamp_min(0).sqrt() / a.sqrt().clamp_min(1e-4)
+    else:
+        slope = (1 - a).clamp_min(0).sqrt()
+    return a / slope.clamp_min(1e-3)

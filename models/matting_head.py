@@ -193,7 +193,7 @@ class MattingHead(nn.Module):
         return y / self._rms_normalised(coarse) + proj.bias.to(device=coarse.device, dtype=coarse.dtype).view(1, -1, 1, 1)
 
     def fuse(self, fine: torch.Tensor, projections: list[torch.Tensor]) -> torch.Tensor:
-        """Alpha (B,1,H,W) in [0,1] from the fine features and the coarse projections."""
+        """Alpha (B,1,H,W) float32 in [0,1] from the fine features and the coarse projections."""
         if fine.ndim != 4 or fine.shape[1] != self.config.fine_channels:
             raise ValueError(f"fine tap {self.config.fine_tap!r} gave features of shape {tuple(fine.shape)}, the "
                              f"head expects {self.config.fine_channels} channels: the head was built for another "
@@ -209,7 +209,9 @@ class MattingHead(nn.Module):
             parts.append(p.to(fine.dtype))
         x = F.silu(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         x = F.silu(_conv(self.mix, x))
-        return torch.sigmoid(_conv(self.out, x))
+        # The last layer and the sigmoid run in float32: under a bf16/fp16 VAE the logits and the alpha would
+        # otherwise carry 8 (bf16) significant bits, and a 16-bit alpha export would be 8-bit in disguise.
+        return torch.sigmoid(_conv(self.out, x.float()))
 
     def forward(self, fine: torch.Tensor, coarse: list[torch.Tensor] | tuple = ()) -> torch.Tensor:
         return self.fuse(fine, [self.project(i, c) for i, c in enumerate(coarse)])

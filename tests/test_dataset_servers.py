@@ -128,7 +128,7 @@ def test_sigint_then_resume_no_duplicates_no_partial_files(killed_run, tmp_path)
     assert proc.returncode == 130, err[-2000:]
     first = _lines(out)
     assert 1 <= len(first) <= 3, "Ctrl-C stops handing out work: at most the samples in flight are added"
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "no partial files"
+    assert not list(out.rglob(".*")), "no partial files (models/atomic's hidden temporaries)"
     dirs = {p.name for p in [*(out / "samples").glob("*"), *(out / "rejected").glob("*")] if p.is_dir()}
     assert dirs == {r["id"] for r in first}, "every written sample has its manifest line"
     before = (out / "manifest.jsonl").read_bytes()
@@ -159,8 +159,7 @@ def test_full_output_disk_is_a_clear_error(killed_run, tmp_path):
         with pytest.raises(OutputError, match="output disk is full") as e:
             run_dataset(cfg, log=lambda m: None, install_sigint=False)
         assert "resume" in str(e.value)
-        leftovers = [p for p in (mount / "ds").rglob("*") if p.name.endswith(".tmp")]
-        assert not leftovers
+        assert not list((mount / "ds").rglob(".*")), "no partial files left on the full disk"
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

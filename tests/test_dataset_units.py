@@ -1,6 +1,7 @@
 """Dataset factory without servers: annotation, scores, formats, ids, prompts, workflow planning, output folder."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -10,6 +11,7 @@ import pytest
 from diffumatting.factory.jobs import JobError, load_prompts, make_jobs, sample_id
 from diffumatting.factory.output import OutputError, OutputFolder
 from diffumatting.factory.sample import SampleOptions, build_sample
+from diffumatting.models.atomic import temp_name
 from diffumatting.models import dataset_quality as Q
 from diffumatting.models.dataset_images import composite, contact_sheet, read_png_float
 from diffumatting.models.png import encode_png
@@ -169,17 +171,25 @@ def _record(rid, files):
     return {"id": rid, "status": "accepted", "reasons": [], "files": files, "scores": {"phash": "0" * 16}}
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_output_folder_resume_cuts_partial_line_and_temporaries(tmp_path):
     out = tmp_path / "ds"
     f = OutputFolder(out, {"workflow_sha256": "a", "mode": "dataset"})
     f.commit(_record("x1", {"alpha.png": "samples/x1/alpha.png"}), {"alpha.png": b"png"})
     with open(out / "manifest.jsonl", "ab") as fh:
         fh.write(b'{"id": "x2", "fil')  # killed mid-append
-    (out / "samples" / "x1" / ".alpha.png.123.tmp").write_bytes(b"half")
+    dead = _dead_pid()
+    (out / "samples" / "x1" / temp_name("alpha.png", dead)).write_bytes(b"half")  # a killed writer's
     g = OutputFolder(out, {"workflow_sha256": "a", "mode": "dataset"})
     assert list(g.records) == ["x1"]
     assert (out / "manifest.jsonl").read_bytes().count(b"\n") == 1
-    assert not list(out.rglob("*.tmp"))
+    assert [p.name for p in out.rglob(".*")] == [], "the killed run's temporary is removed"
     with pytest.raises(OutputError, match="other settings"):
         OutputFolder(out, {"workflow_sha256": "b", "mode": "dataset"})
     (tmp_path / "busy").mkdir()

@@ -203,7 +203,7 @@ def test_gradient_checkpointing_same_gradients(comfy_host, tmp_path_factory):
     import comfy.sd
 
     from diffumatting.training.attention import cross_attention_blocks
-    from diffumatting.training.loop import enable_gradient_checkpointing
+    from diffumatting.training.unet_stage import enable_gradient_checkpointing
     from support.tiny_sd15 import cached_tiny_sd15_checkpoint
 
     path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
@@ -230,5 +230,49 @@ def test_gradient_checkpointing_same_gradients(comfy_host, tmp_path_factory):
     got_loss, got = loss_and_grads()
     assert got_loss == pytest.approx(ref_loss, rel=1e-6)
     assert ref.keys() == got.keys()
+    worst = max(float((ref[k] - got[k]).abs().max() / (ref[k].abs().max() + 1e-12)) for k in ref)
+    assert worst < 1e-4, worst
+
+
+def test_checkpointing_with_capture_cleared_as_the_loop_does(comfy_host, tmp_path_factory):
+    """Defect 1: the UNet stage clears the green capture (set_tokens(None)) when its step returns, before the
+    loop's backward. With gradient checkpointing the backward re-runs each transformer block; the re-run
+    must take the same padded attention path (torch's checkpoint otherwise fails on the changed tensors)
+    and give the gradients of an un-checkpointed step."""
+    from diffumatting.training import config as C
+    from diffumatting.training.distributed import Dist
+    from diffumatting.training.session import Session
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
+    from diffumatting.training.unet_stage import UnetStage, enable_gradient_checkpointing
+
+    path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
+    out = tmp_path_factory.mktemp("gc_run")
+    cfg = C.validate(C.build("tiny", None, {
+        "run": {"out": str(out), "gradient_checkpointing": "off"}, "model": {"tiny": False, "checkpoint": str(path)},
+        "data": {"synthetic_count": 4, "holdout": 0, "cache_latents": False},
+        "unet": {"mode": "full", "batch_size": 2}}))
+    session = Session(cfg, Dist(), log=lambda *a: None)
+    session.load_models()
+    session.build_items()
+    stage = UnetStage(session)
+    stage.setup()
+    batch = session.step_data("unet", 2, None).batch(0)
+
+    def grads():
+        stage.optimizer.zero_grad(set_to_none=True)
+        total, parts = stage.step(0, batch)           # returns with the capture cleared, as in the loop
+        assert stage.capture.indicator is None and "green" in parts
+        total.backward()
+        return float(total.detach()), {n: p.grad.clone() for n, p in session.unet.named_parameters()
+                                       if p.grad is not None}
+
+    try:
+        ref_loss, ref = grads()
+        assert enable_gradient_checkpointing(session.unet) == 9
+        got_loss, got = grads()
+    finally:
+        stage.teardown()
+    assert got_loss == pytest.approx(ref_loss, rel=1e-6)
+    assert ref.keys() == got.keys() and len(ref) > 100
     worst = max(float((ref[k] - got[k]).abs().max() / (ref[k].abs().max() + 1e-12)) for k in ref)
     assert worst < 1e-4, worst

@@ -161,13 +161,18 @@ def test_key_green_screen_separates_object_from_backing(comfy_server):
     h, w = alpha.shape
     corners = np.concatenate([alpha[:h // 8, :w // 8].ravel(), alpha[-h // 8:, -w // 8:].ravel()])
     assert corners.mean() < 0.02, "the green backing must come out transparent"
-    # The sample's object sits around the centre (models/synthetic.py places it at 40-60%).
-    centre = alpha[int(h * 0.45):int(h * 0.55), int(w * 0.45):int(w * 0.55)]
-    assert centre.mean() > 0.5, "the object must stay opaque"
-    # The sample's object is partly green-dominant itself (its texture): compare with the ground truth.
+    # The sample is tests/support/samples.py's: seed 3 at this size, so its true alpha is known exactly.
+    import cv2
+
     from diffumatting.models.synthetic import REALISTIC, make_composite
 
-    truth = make_composite(h, w, 3, REALISTIC)  # the seed and size models/samples.py uses
+    truth = make_composite(h, w, 3, REALISTIC)
+    kernel = np.ones((5, 5), np.uint8)
+    inside = cv2.erode((truth.alpha >= 0.999).astype(np.uint8), kernel) > 0
+    backing = cv2.erode((truth.alpha <= 0.001).astype(np.uint8), kernel) > 0
+    assert inside.mean() > 0.02 and backing.mean() > 0.3
+    assert alpha[inside].mean() >= 0.98 and np.percentile(alpha[inside], 5) >= 0.9, "the object must be opaque"
+    assert alpha[backing].mean() <= 0.01 and np.percentile(alpha[backing], 99) <= 0.05, "the backing must be clear"
     opaque = alpha > 0.95
     dominance = arr[..., 1] - np.maximum(arr[..., 0], arr[..., 2])
     f = truth.foreground
@@ -193,23 +198,71 @@ def test_save_refuses_prefix_outside_output(comfy_server, server_models):
     assert not (comfy_server.base / "escape_00001_.png").exists()
 
 
-def test_save_16_bit_trimmed_with_matte(comfy_server, server_models):
-    prompt = _save_prompt(server_models["green_sample"], "tests/sixteen", bit_depth="16", trim=True,
-                          padding=3, save_matte=True)
+@pytest.fixture(scope="module")
+def rgba_sample(comfy_server) -> tuple[str, np.ndarray]:
+    """An RGBA PNG in the server's input folder: a soft-edged disk (alpha 0..255) off-centre on clear pixels."""
+    h, w = 40, 56
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.hypot(yy - 17, xx - 30)
+    alpha = np.clip((12.0 - dist) / 4.0, 0, 1)
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., 0] = (xx * 255 // (w - 1)).astype(np.uint8)
+    rgba[..., 1] = 90
+    rgba[..., 2] = (yy * 255 // (h - 1)).astype(np.uint8)
+    rgba[..., 3] = np.round(alpha * 255).astype(np.uint8)
+    name = "diffumatting_rgba_disk.png"
+    Image.fromarray(rgba, "RGBA").save(comfy_server.base / "input" / name)
+    return name, rgba
+
+
+def _run_prompt(server, prompt: dict) -> list[Path]:
+    answer = server.post("/prompt", {"prompt": prompt})
+    return server.output_files(server.wait(answer["prompt_id"]))
+
+
+def test_transparency_mask_from_rgba_load_image(comfy_server, rgba_sample):
+    """LoadImage's MASK (core's convention: 1 = transparent) goes into transparency_mask, no InvertMask: the saved
+    PNG has the input's own alpha and colours."""
+    name, rgba = rgba_sample
+    prompt = _save_prompt(name, "tests/convention")
+    prompt["2"]["inputs"]["transparency_mask"] = ["1", 1]
+    files = _run_prompt(comfy_server, prompt)
+    assert len(files) == 1
+    saved = np.asarray(Image.open(files[0]))
+    assert saved.shape == rgba.shape
+    assert np.array_equal(saved[..., 3], rgba[..., 3]), "alpha must be the input's (convention kept)"
+    seen = rgba[..., 3] > 0
+    assert np.array_equal(saved[..., :3][seen], rgba[..., :3][seen]), "straight colour, not premultiplied"
+
+
+def test_save_16_bit_trimmed_with_matte(comfy_server, rgba_sample):
+    name, rgba = rgba_sample
+    prompt = _save_prompt(name, "tests/sixteen", bit_depth="16", trim=True, padding=3, save_matte=True)
     # A LoadImage MASK is a transparency mask: connect it where this pack expects that convention.
     prompt["2"]["inputs"]["transparency_mask"] = ["1", 1]
-    answer = comfy_server.post("/prompt", {"prompt": prompt})
-    entry = comfy_server.wait(answer["prompt_id"])
-    files = comfy_server.output_files(entry)
+    files = _run_prompt(comfy_server, prompt)
     assert len(files) == 1 and files[0].parent.name == "tests"
     matte = files[0].with_name(files[0].stem + "_matte.png")
     assert matte.is_file()
     import cv2
 
-    rgba = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
-    assert rgba.dtype == np.uint16 and rgba.shape[2] == 4
-    assert cv2.imread(str(matte), cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    assert "prompt" in read_png_text(files[0].read_bytes())
+    saved = cv2.cvtColor(cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    assert saved.dtype == np.uint16 and saved.shape[2] == 4
+    # Trim: the bounding box of the visible pixels plus 3 px of padding, inside the image.
+    ys, xs = np.nonzero(rgba[..., 3])
+    y0, y1 = max(0, ys.min() - 3), min(rgba.shape[0], ys.max() + 1 + 3)
+    x0, x1 = max(0, xs.min() - 3), min(rgba.shape[1], xs.max() + 1 + 3)
+    assert saved.shape[:2] == (y1 - y0, x1 - x0)
+    crop = rgba[y0:y1, x0:x1].astype(np.uint16) * 257  # 8-bit v is 16-bit v * 257 exactly
+    assert np.array_equal(saved[..., 3], crop[..., 3])
+    seen = crop[..., 3] > 0
+    assert np.array_equal(saved[..., :3][seen], crop[..., :3][seen])
+    matte_px = cv2.imread(str(matte), cv2.IMREAD_UNCHANGED)
+    assert matte_px.dtype == np.uint16 and np.array_equal(matte_px, saved[..., 3])
+    text = read_png_text(files[0].read_bytes())
+    embedded = json.loads(text["prompt"])  # the server adds its own keys (is_changed) to each node
+    assert {k: (v["class_type"], v["inputs"]) for k, v in embedded.items()} == \
+        {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()}, "the PNG carries the prompt that made it"
 
 
 def test_ui_to_api_reports_unknown_node_type(object_info):

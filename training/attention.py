@@ -112,27 +112,50 @@ def green_indicator(positions, batch: int, tokens: int, device=None, dtype=torch
     return ind.to(device), has.to(device)
 
 
+class _Binding:
+    """The attn2 replacement of one forward pass, bound to that pass's green indicator.
+
+    Gradient checkpointing re-runs each transformer block during backward; the re-run calls this same
+    object, so it takes the same (padded) attention path with the same indicator even after the caller
+    cleared the capture, and torch's checkpoint sees the same tensors. A map is kept from the first
+    call per block only (the re-run's copy is not needed and would only hold memory).
+    """
+
+    def __init__(self, capture: "GreenAttentionCapture", indicator: torch.Tensor | None, enabled: bool):
+        self.capture = capture
+        self.indicator = indicator if enabled else None
+        self.maps: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, q, k, v, extra_options):
+        return self.capture.attend(q, k, v, extra_options, self.indicator, self.maps)
+
+
 class GreenAttentionCapture:
     """attn2 replacement for chosen blocks that also records the green tokens' attention probability.
 
     Usage per step: `cap.set_tokens(indicator)` ((B,T) from `green_indicator`), call the UNet with
     `transformer_options=cap.transformer_options()`, then read `cap.maps()` (list of (B,N) maps, one per
-    captured transformer block, each averaged over heads). `cap.enabled = False` turns the capture off
-    (the replacement then computes plain attention only).
+    captured transformer block, each averaged over heads). `transformer_options()` binds the indicator
+    and `enabled` of that moment, so clearing the capture afterwards (before backward) is safe.
+    `cap.enabled = False` turns the capture off (plain attention only).
     """
 
     def __init__(self, blocks: list[AttnBlock]):
         self.blocks = list(blocks)
         self.indicator: torch.Tensor | None = None
         self.enabled = True
-        self._maps: dict[tuple, torch.Tensor] = {}
+        self._binding: _Binding | None = None
 
     def set_tokens(self, indicator: torch.Tensor | None) -> None:
         self.indicator = indicator
-        self._maps = {}
+        self._binding = None
 
     def clear(self) -> None:
-        self._maps = {}
+        self._binding = None
+
+    @property
+    def _maps(self) -> dict:
+        return self._binding.maps if self._binding is not None else {}
 
     def maps(self) -> list[torch.Tensor]:
         return [self._maps[k] for k in sorted(self._maps, key=str)]
@@ -141,7 +164,8 @@ class GreenAttentionCapture:
         return sorted(self._maps.items(), key=lambda kv: str(kv[0]))
 
     def patches(self) -> dict:
-        return {b.key: self for b in self.blocks}
+        self._binding = _Binding(self, self.indicator, self.enabled)
+        return {b.key: self._binding for b in self.blocks}
 
     def transformer_options(self, base: dict | None = None) -> dict:
         """A fresh transformer_options dict with the attn2 replacements merged in (ComfyUI mutates it)."""
@@ -152,6 +176,13 @@ class GreenAttentionCapture:
         return opts
 
     def __call__(self, q, k, v, extra_options):
+        """Direct use as a replacement (not bound): the current indicator, maps into a fresh binding."""
+        if self._binding is None:
+            self._binding = _Binding(self, self.indicator, self.enabled)
+        return self._binding(q, k, v, extra_options)
+
+    @staticmethod
+    def attend(q, k, v, extra_options, ind: torch.Tensor | None, maps: dict):
         heads = int(extra_options["n_heads"])
         b, n, c = q.shape
         d = c // heads
@@ -162,8 +193,7 @@ class GreenAttentionCapture:
         qh = q.view(b, n, heads, d).transpose(1, 2)
         kh = k.reshape(b, t, heads, d).transpose(1, 2)
         vh = v.reshape(b, t, heads, d).transpose(1, 2)
-        ind = self.indicator
-        if not self.enabled or ind is None:
+        if ind is None:
             out = F.scaled_dot_product_attention(qh, kh, vh)
             return out.transpose(1, 2).reshape(b, n, heads * d)
         if ind.shape != (b, t):
@@ -177,7 +207,9 @@ class GreenAttentionCapture:
         out = F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5)
         main = out[..., :d].transpose(1, 2).reshape(b, n, heads * d)
         block = extra_options.get("block") or ("?", 0)
-        self._maps[(block[0], int(block[1]), int(extra_options.get("block_index", 0)))] = out[..., d].float().mean(dim=1)
+        mkey = (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+        if mkey not in maps:
+            maps[mkey] = out[..., d].float().mean(dim=1)
         return main
 
 

@@ -7,10 +7,18 @@ Sources
 - synthetic: seeded procedural objects (models/synthetic.py random_object).
 Captions: <stem>.txt beside the image (or in captions/), else data.caption_template with {name}.
 
-Every sample is a pure function of (seed, item, variant): the object is scaled, placed and flipped,
-then composited over an uneven green backing with shadow, spill, noise and blur (models/synthetic.py
-green_backing / composite). The batch of a global step is a pure function of (seed, step), so
-`--resume` and torchrun shards reproduce the same data exactly.
+Every sample is a pure function of (seed, item, variant). The object is scaled (premultiplied, so edges
+get no dark fringes), placed and flipped, then composited over a backing. Two composers, one per stage:
+- UNet stage: the paper's premise, a pure flat canvas of ONE key colour (data.key_color), no falloff,
+  shadow, spill, noise or blur (data.unet_realism = 0);
+- head stage: a varied green with light falloff, contact shadow, spill, softening and noise
+  (data.head_realism), as real generations and photos have. The sample's foreground (spill included),
+  backing (falloff and shadow included) and `target` satisfy target = a F + (1 - a) B exactly; the
+  network input `image` is `target` softened and noised. The composition loss compares with `target`.
+Pairs layout: fg/ (or foreground/) holds foreground colours and is preferred over image/ (photos); for
+photos the foreground is estimated (training/foreground.py), and the log says so.
+The batch of a global step is a pure function of (seed, step), so `--resume` and torchrun shards
+reproduce the same data exactly.
 
 A bad or unreadable file is reported by name and left out (counted in `report()`).
 """
@@ -24,12 +32,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..models.synthetic import Realism, composite, green_backing, random_object
+from ..models.synthetic import Realism, green_backing, random_object
 
-IMAGE_DIRS = ("image", "images", "fg", "original", "im", "img")
+FOREGROUND_DIRS = ("fg", "foreground", "foregrounds")          # straight foreground colours (preferred)
+PHOTO_DIRS = ("image", "images", "original", "im", "img", "merged", "composite")   # photos: fg is estimated
+IMAGE_DIRS = FOREGROUND_DIRS + PHOTO_DIRS
 ALPHA_DIRS = ("alpha", "alphas", "matte", "mattes", "mask", "masks")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-COMPOSER_VERSION = "2"   # part of the latent cache key: bump when the compositing changes
+COMPOSER_VERSION = "3"   # part of the latent cache key: bump when the compositing changes
 SYNTH_NOUNS = ("toy", "plush animal", "vase", "houseplant", "lamp", "sculpture", "shoe", "bag", "bottle",
                "teapot", "helmet", "doll")
 
@@ -41,6 +51,7 @@ class Item:
     image: str = ""        # path (folder sources)
     alpha: str = ""        # path of the alpha file (pairs layout)
     seed: int = 0          # synthetic sources
+    estimate_fg: bool = False   # pairs layout: `image` is a photo, estimate its foreground colours
 
 
 @dataclass
@@ -49,10 +60,11 @@ class Sample:
 
     name: str
     caption: str
-    image: np.ndarray      # HxWx3 green-screen composite (what the UNet learns to paint)
+    image: np.ndarray      # HxWx3 green-screen composite (what the UNet learns to paint, the head's input)
     alpha: np.ndarray      # HxW ground truth
-    foreground: np.ndarray  # HxWx3 straight foreground
-    backing: np.ndarray    # HxWx3 backing behind the object
+    foreground: np.ndarray  # HxWx3 straight foreground as composited (spill included)
+    backing: np.ndarray    # HxWx3 backing behind the object (falloff and shadow included)
+    target: np.ndarray     # HxWx3 = alpha * foreground + (1 - alpha) * backing, before softening and noise
 
 
 class BadSample(Exception):
@@ -89,8 +101,12 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
-def scan_folder(root, layout: str, template: str, log=print) -> tuple[list[Item], list[str]]:
-    """Items of a data folder and the names of files left out (with the reason)."""
+def scan_folder(root, layout: str, template: str, log=print, foreground: str = "auto") -> tuple[list[Item], list[str]]:
+    """Items of a data folder and the names of files left out (with the reason).
+
+    `foreground` (pairs layout): auto = files in fg/ are foregrounds, photos in image/ get an estimated one;
+    given = use the colour files as foregrounds; estimate = estimate for every pair.
+    """
     from PIL import Image
 
     root = Path(root)
@@ -111,7 +127,13 @@ def scan_folder(root, layout: str, template: str, log=print) -> tuple[list[Item]
             if a is None:
                 bad.append(f"{p.name}: no alpha file named {p.stem}.* in {alpha_dir.name}/")
                 continue
-            items.append(Item(p.stem, _caption_for(p, template, caption_dirs), image=str(p), alpha=str(a)))
+            est = foreground == "estimate" or (foreground == "auto" and img_dir.name not in FOREGROUND_DIRS)
+            items.append(Item(p.stem, _caption_for(p, template, caption_dirs), image=str(p), alpha=str(a),
+                              estimate_fg=est))
+        n_est = sum(i.estimate_fg for i in items)
+        if n_est:
+            log(f"data: {img_dir.name}/ holds photos without foreground colours: estimating the foreground of "
+                f"{n_est} pair(s) (multi-level foreground estimation); put foregrounds in fg/ to use them instead")
     else:
         for p in _images_in(root):
             if p.suffix.lower() != ".png":
@@ -146,24 +168,18 @@ def synthetic_items(count: int, seed: int, offset: int = 0) -> list[Item]:
 
 
 def _read_rgba(item: Item) -> tuple[np.ndarray, np.ndarray]:
-    """(foreground HxWx3, alpha HxW) float32 from a folder item; raises BadSample."""
-    from PIL import Image
+    """(colour HxWx3, alpha HxW) float32 from a folder item; raises BadSample."""
+    from ..models.image_file import read_image   # 8/16-bit and float files by value (issue 13)
 
     try:
-        with Image.open(item.image) as im:
-            im.load()
-            if item.alpha:
-                rgb = np.asarray(im.convert("RGB"), np.float32) / 255.0
-                with Image.open(item.alpha) as am:
-                    am.load()
-                    if am.mode in ("I;16", "I;16B", "I"):
-                        a = np.asarray(am, np.float32)
-                        a = a / (65535.0 if a.max() > 255 else 255.0)
-                    else:
-                        a = np.asarray(am.convert("L"), np.float32) / 255.0
-            else:
-                rgba = np.asarray(im.convert("RGBA"), np.float32) / 255.0
-                rgb, a = rgba[..., :3], rgba[..., 3]
+        arr = read_image(item.image)
+        if item.alpha:
+            rgb = arr[..., :3]
+            a = read_image(item.alpha)[..., 0]
+        else:
+            if arr.shape[-1] != 4:
+                raise ValueError("no alpha channel")
+            rgb, a = arr[..., :3], arr[..., 3]
     except Exception as e:  # noqa: BLE001 - any decoder error means: unreadable
         raise BadSample(f"{Path(item.image).name}: unreadable ({type(e).__name__}: {e})") from None
     if a.shape != rgb.shape[:2]:
@@ -180,12 +196,23 @@ def _crop_to_object(fg, a):
     return fg[y0:y1, x0:x1], a[y0:y1, x0:x1]
 
 
-def contact_shadow(backing: np.ndarray, alpha: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """The backing darkened by a soft shadow of the object, offset down and sideways.
+def resize_premultiplied(fg: np.ndarray, a: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize a straight foreground and its alpha to size (w, h) without dark fringes.
 
-    Applied here (not inside the composite) so the returned backing is exactly the one behind the object:
-    the matting head's composition loss needs the true background.
+    Colours are premultiplied by alpha before resampling and divided again after, so transparent pixels
+    (whose colour is arbitrary, often black) do not bleed into the edge.
     """
+    nw, nh = size
+    k = nw / max(1, a.shape[1])
+    interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
+    pm = cv2.resize(np.ascontiguousarray(fg * a[..., None]), (nw, nh), interpolation=interp).reshape(nh, nw, 3)
+    ar = np.clip(cv2.resize(np.ascontiguousarray(a), (nw, nh), interpolation=interp).reshape(nh, nw), 0, 1)
+    fg_out = np.where(ar[..., None] > 1e-4, pm / np.maximum(ar[..., None], 1e-4), 0.0)
+    return np.clip(fg_out, 0, 1).astype(np.float32), ar.astype(np.float32)
+
+
+def contact_shadow(backing: np.ndarray, alpha: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """The backing darkened by a soft shadow of the object, offset down and sideways."""
     if strength <= 0:
         return backing
     h, w = alpha.shape
@@ -201,37 +228,71 @@ def contact_shadow(backing: np.ndarray, alpha: np.ndarray, strength: float, rng:
     return (backing * (1.0 - strength * np.clip(sh, 0, 1))[..., None]).astype(np.float32)
 
 
-class Composer:
-    """Turns an item into a composited Sample at `resolution`, seeded by (seed, item index, variant)."""
+def green_spill(fg: np.ndarray, alpha: np.ndarray, backing: np.ndarray, amount: float) -> np.ndarray:
+    """The foreground tinted toward the backing near the object's edge (light bounced off the screen)."""
+    if amount <= 0:
+        return fg
+    h, w = alpha.shape
+    inner = cv2.GaussianBlur(alpha, (0, 0), max(1.0, min(h, w) / 60))
+    near_edge = np.clip(1 - inner, 0, 1)[..., None]
+    tint = np.array([0.3, 1.0, 0.3], np.float32)
+    return np.clip(fg + amount * near_edge * (backing - fg) * tint, 0, 1).astype(np.float32)
 
-    def __init__(self, resolution: int, seed: int, scale=(0.55, 0.95), flip: bool = True, realism: float = 1.0):
+
+def random_key(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A green screen colour as real backings vary (darker/lighter, bluer/yellower)."""
+    return (float(rng.uniform(0.05, 0.3)), float(rng.uniform(0.6, 0.9)), float(rng.uniform(0.05, 0.35)))
+
+
+class Composer:
+    """Turns an item into a composited Sample at `resolution`, seeded by (seed, item index, variant).
+
+    `key`: one fixed key colour (r, g, b), or None for a random green per sample. `realism` 0..1 scales
+    light falloff, contact shadow, spill, softening and noise (0: a pure flat canvas of the key colour).
+    """
+
+    def __init__(self, resolution: int, seed: int, scale=(0.55, 0.95), flip: bool = True, realism: float = 1.0,
+                 key: tuple[float, float, float] | None = None):
         self.res = int(resolution)
         self.seed = int(seed)
         self.scale = scale
         self.flip = flip
         self.realism = float(realism)
+        self.key = None if key is None else tuple(float(c) for c in key)
 
     def rng(self, index: int, variant: int) -> np.random.Generator:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, 0x5EED, int(index), int(variant)])
 
-    def __call__(self, item: Item, index: int, variant: int) -> Sample:
+    def _object(self, item: Item, rng) -> tuple[np.ndarray, np.ndarray]:
+        """The item's foreground and alpha cropped to the object, scaled to its canvas size and flipped."""
         r = self.res
-        rng = self.rng(index, variant)
         if item.image:
             fg, a = _read_rgba(item)
-            fg, a = _crop_to_object(fg, a)
         else:
             fg, a = random_object(r, r, item.seed, hair=bool(item.seed % 3), translucent=bool(item.seed % 2))
-            fg, a = _crop_to_object(fg, a)
+        fg, a = _crop_to_object(fg, a)
         h, w = a.shape
         side = rng.uniform(*self.scale) * r
         k = side / max(h, w)
         nh, nw = max(1, min(r, int(round(h * k)))), max(1, min(r, int(round(w * k))))
-        interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
-        fg = np.clip(cv2.resize(fg, (nw, nh), interpolation=interp), 0, 1).reshape(nh, nw, 3)
-        a = np.clip(cv2.resize(a, (nw, nh), interpolation=interp), 0, 1).reshape(nh, nw)
+        if item.estimate_fg:
+            from .foreground import estimate_foreground
+
+            interp = cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC
+            photo = np.clip(cv2.resize(fg, (nw, nh), interpolation=interp), 0, 1).reshape(nh, nw, 3)
+            a = np.clip(cv2.resize(a, (nw, nh), interpolation=interp), 0, 1).reshape(nh, nw)
+            fg = estimate_foreground(photo, a)
+        else:
+            fg, a = resize_premultiplied(fg, a, (nw, nh))
         if self.flip and rng.random() < 0.5:
             fg, a = fg[:, ::-1], a[:, ::-1]
+        return fg, a
+
+    def __call__(self, item: Item, index: int, variant: int) -> Sample:
+        r = self.res
+        rng = self.rng(index, variant)
+        fg, a = self._object(item, rng)
+        nh, nw = a.shape
         y0 = int(rng.integers(0, r - nh + 1))
         x0 = int(rng.integers(0, r - nw + 1))
         fgc = np.zeros((r, r, 3), np.float32)
@@ -239,14 +300,21 @@ class Composer:
         fgc[y0:y0 + nh, x0:x0 + nw] = fg
         ac[y0:y0 + nh, x0:x0 + nw] = a
         s = self.realism
-        realism = Realism(falloff=rng.uniform(0, 0.35) * s, shadow=0.0,
-                          spill=rng.uniform(0, 0.25) * s, noise=rng.uniform(0, 0.012) * s,
-                          blur=rng.uniform(0, 0.6) * s, jpeg_quality=0)
-        shadow = rng.uniform(0, 0.35) * s
+        falloff, spill = rng.uniform(0, 0.35) * s, rng.uniform(0, 0.25) * s
+        noise, blur, shadow = rng.uniform(0, 0.012) * s, rng.uniform(0, 0.6) * s, rng.uniform(0, 0.35) * s
+        key = self.key if self.key is not None else random_key(rng)
         bseed = int(rng.integers(0, 2**31 - 1))
-        backing = contact_shadow(green_backing(r, r, bseed, realism), ac, shadow, rng)
-        image = composite(fgc, ac, backing, bseed, realism)
-        return Sample(item.name, item.caption, image, ac, fgc, backing)
+        backing = green_backing(r, r, bseed, Realism(falloff=falloff, shadow=0.0, spill=0.0, noise=0.0), key=key)
+        backing = contact_shadow(backing, ac, shadow, rng)
+        fg_spilled = green_spill(fgc, ac, backing, spill)
+        target = (ac[..., None] * fg_spilled + (1 - ac[..., None]) * backing).astype(np.float32)
+        image = target
+        if blur > 0:
+            image = cv2.GaussianBlur(image, (0, 0), blur)
+        if noise > 0:
+            image = image + np.random.default_rng(bseed).normal(0, noise, image.shape).astype(np.float32)
+        image = np.clip(image, 0, 1).astype(np.float32)
+        return Sample(item.name, item.caption, image, ac, fg_spilled, backing, target)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -2,8 +2,12 @@
 
 Layout: <out>/checkpoints/<stage>-<step:07d>/
     model.safetensors      trainable tensors (full UNet weights, LoRA adapters or the head)
-    optimizer.safetensors  optimizer state tensors + RNG states (no pickles anywhere)
+    optimizer.safetensors  optimizer state tensors (no pickles anywhere): in the NEWEST checkpoint only
+    rng.safetensors        torch RNG states
     state.json             stage, step, optimizer param_groups/scalars, scaler, measures, config
+The optimizer state of a full fine-tune is twice the size of the weights (AdamW's two moments): older
+checkpoints keep the weights only, so `keep_checkpoints` costs weights, not weights + 2x optimizer, each.
+Resuming from an older checkpoint continues with a fresh optimizer state (and says so).
 The folder is written as .tmp-<name>-<pid> and renamed into place, so a checkpoint either exists whole
 or not at all (an interrupted write leaves only a .tmp folder, removed at the next save).
 """
@@ -97,8 +101,8 @@ def save_checkpoint(root, stage: str, step: int, model_tensors: dict, opt: torch
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
         otensors, orest = optimizer_tensors(opt)
-        otensors.update(rng_tensors())
         save_file(otensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors(), str(tmp / "rng.safetensors"))
         full = dict(state, stage=stage, step=step, optimizer=orest)
         (tmp / "state.json").write_text(json.dumps(full, indent=1, sort_keys=True, default=str), encoding="utf-8")
         for f in tmp.iterdir():
@@ -111,18 +115,44 @@ def save_checkpoint(root, stage: str, step: int, model_tensors: dict, opt: torch
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep]:
+    found = list_checkpoints(root)
+    for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for old in found[-keep:-1]:
+        (old / "optimizer.safetensors").unlink(missing_ok=True)
     return final
 
 
-def read_checkpoint(path) -> tuple[dict, dict, dict]:
-    """(model tensors, optimizer+rng tensors, state) of a checkpoint folder."""
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def checkpoint_bytes(model_tensors: dict, params) -> tuple[int, int]:
+    """(weights, optimizer state) bytes of one checkpoint: AdamW keeps two moments per trainable value."""
+    return tensor_bytes(model_tensors.values()), 2 * tensor_bytes(params)
+
+
+def read_checkpoint(path) -> tuple[dict, dict | None, dict, dict]:
+    """(model tensors, optimizer tensors or None when not kept, rng tensors, state) of a checkpoint folder."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"{path} is not a trainer checkpoint (no state.json); pass a folder under "
+    if not path.is_dir():
+        raise ValueError(f"--resume {str(path)!r}: no such checkpoint folder; pass a folder under "
                          f"<out>/checkpoints/ or just --resume to pick the latest")
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")), state
+    if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ValueError(f"--resume {str(path)!r} is not a trainer checkpoint (no state.json and "
+                         f"model.safetensors); pass a folder under <out>/checkpoints/ or just --resume")
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        model = load_file(str(path / "model.safetensors"))
+        opt_file, rng_file = path / "optimizer.safetensors", path / "rng.safetensors"
+        opt = load_file(str(opt_file)) if opt_file.is_file() else None
+        rng = load_file(str(rng_file)) if rng_file.is_file() else {}
+    except Exception as e:  # noqa: BLE001 - safetensors/json/OS errors all mean: damaged
+        raise ValueError(f"--resume {str(path)!r}: the checkpoint is damaged ({type(e).__name__}: {e}); resume "
+                         f"from an older one under {path.parent}") from None
+    if opt is not None:       # checkpoints of the first version kept the RNG states in the optimizer file
+        rng = {**{k: v for k, v in opt.items() if k.startswith("rng.")}, **rng}
+        opt = {k: v for k, v in opt.items() if not k.startswith("rng.")}
+    return model, opt, rng, state
