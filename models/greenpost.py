@@ -74,7 +74,7 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
-    refiner: str = RefinerChoice.OFF.value  # the shipped refiner does not beat the classical key yet
+    refiner: str = RefinerChoice.OFF.value  # the shipped refiner breaks the classical key's guarantees (README)
 
     def __post_init__(self):
         choices = [c.value for c in RefinerChoice]
