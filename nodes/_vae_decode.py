@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from enum import Enum
 
 import torch
+from einops import rearrange
 
 from ..models.matting_decode import AlphaChannel
 from ..models.matting_head import VAE_FAMILIES, HeadConfig, LoadedHead
@@ -183,8 +184,8 @@ def decode(vae, samples: torch.Tensor, loaded: LoadedHead | None = None, tiling:
             out = target.decode_tiled(samples, **core_tile_args(vae, tile_size, overlap))
         else:
             out = target.decode(samples)
-    if out.ndim == 5:  # video VAEs (no-head path): frames as batch
-        out = out.reshape(-1, *out.shape[-3:])
+    if out.ndim == 5:  # video VAEs (no-head path): every frame of every item becomes a batch image
+        out = rearrange(out, "b t h w c -> (b t) h w c")
     out = out.float()
     if loaded is None:
         return out[..., :3].contiguous(), None

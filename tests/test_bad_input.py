@@ -52,6 +52,13 @@ def _green_png(path: Path, h=24, w=32):
     return path
 
 
+def _one_image_folder(tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    src.mkdir()
+    _green_png(src / "a.png")
+    return src
+
+
 # --- files keep the umask (defect 7) ------------------------------------------------------------------
 @pytest.fixture()
 def umask_022():
@@ -81,9 +88,7 @@ def test_replacing_a_file_keeps_its_mode(tmp_path, umask_022):
 
 
 def test_cli_output_is_readable_by_others(tmp_path, umask_022):
-    src = tmp_path / "in"
-    src.mkdir()
-    _green_png(src / "a.png")
+    src = _one_image_folder(tmp_path)
     out = tmp_path / "out"
     res = _cli(src, out, "--quiet")
     assert res.returncode == 0, res.stderr
@@ -117,9 +122,7 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
 
 
 def test_sigkill_leftover_is_cleaned_by_the_next_cli_run(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    _green_png(src / "a.png")
+    src = _one_image_folder(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     leftover = out / atomic.temp_name("a.png", _dead_pid(), ".png")
@@ -131,9 +134,7 @@ def test_sigkill_leftover_is_cleaned_by_the_next_cli_run(tmp_path):
 
 # --- CLI: one clear line, no traceback ------------------------------------------------------------------
 def test_cli_uncreatable_output_folder_is_one_line(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    _green_png(src / "a.png")
+    src = _one_image_folder(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = _cli(src, blocker / "sub", "--quiet")
@@ -144,9 +145,7 @@ def test_cli_uncreatable_output_folder_is_one_line(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_cli_unwritable_output_folder_is_one_line(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    _green_png(src / "a.png")
+    src = _one_image_folder(tmp_path)
     out = tmp_path / "ro"
     out.mkdir()
     os.chmod(out, 0o555)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffumatting.models.alpha import parse_hex_color
 from diffumatting.models.synthetic import REALISTIC, make_composite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,49 @@ def test_options_and_validation(folder, tmp_path):
         assert res.returncode == 2, (args, res.stderr)
         assert msg in res.stderr, (args, res.stderr)
     assert not (tmp_path / "o2").exists()
+
+
+def _cli_alpha_fg(src: Path, out: Path, *flags) -> tuple[np.ndarray, np.ndarray]:
+    res = run(src, out, "--quiet", "--overwrite", *flags)
+    assert res.returncode == 0, res.stderr
+    arr = np.asarray(Image.open(out / "a.png")).astype(np.float32) / 255.0
+    return arr[..., 3], arr[..., :3]
+
+
+def _in_process(src: Path, **options) -> tuple[np.ndarray, np.ndarray]:
+    """What the CLI must write for a.png: greenpost() with these options, quantised to 8 bit as the CLI does."""
+    import torch
+
+    from diffumatting.models.greenpost import GreenPostOptions, greenpost
+
+    arr = np.asarray(Image.open(src / "a.png").convert("RGB"), np.float32) / 255.0
+    fg, alpha = greenpost(torch.from_numpy(arr)[None], None, GreenPostOptions(**options))
+    rgba = torch.cat([fg[0], alpha[0, ..., None]], -1).clamp(0, 1).numpy()
+    q = (rgba * 255 + 0.5).astype(np.uint8).astype(np.float32) / 255.0
+    return q[..., 3], q[..., :3]
+
+
+@pytest.mark.parametrize("flags,options", [
+    (("--key-color", "#1f9a3c"), {"key_color": parse_hex_color("#1f9a3c")}),
+    (("--spill-strength", "0"), {"spill_strength": 0.0}),
+    (("--edge-detail", "1"), {"edge_detail": 1.0}),
+    (("--clip-black", "0.3", "--clip-white", "0.8"), {"clip_black": 0.3, "clip_white": 0.8}),
+], ids=["key-color", "spill", "edge-detail", "clip"])
+def test_flags_reach_greenpost(folder, tmp_path, flags, options):
+    """Each flag changes the keyed PNG, and the PNG is exactly greenpost() run with that option."""
+    src, _ = folder
+    default_alpha, default_fg = _cli_alpha_fg(src, tmp_path / "default")
+    alpha, fg = _cli_alpha_fg(src, tmp_path / "flag", *flags)
+    want_alpha, want_fg = _in_process(src, **options)
+    assert np.abs(alpha - want_alpha).max() <= 1.5 / 255 and np.abs(fg - want_fg).max() <= 1.5 / 255
+    changed = max(np.abs(alpha - default_alpha).max(), np.abs(fg - default_fg).max())
+    assert changed > 4 / 255, f"{flags} did not change the output"
+    if "--spill-strength" in flags:  # no despill: the edge colours keep more green than the default's
+        edge = (default_alpha > 0.05) & (default_alpha < 0.95)
+        dominance = lambda c: (c[..., 1] - np.maximum(c[..., 0], c[..., 2]))[edge].mean()  # noqa: E731
+        assert dominance(fg) > dominance(default_fg)
+    if "--clip-black" in flags:  # levels: more fully clear and fully opaque pixels
+        assert (alpha == 0).mean() >= (default_alpha == 0).mean() and (alpha == 1).mean() > (default_alpha == 1).mean()
 
 
 def test_help_documents_every_flag():

@@ -317,14 +317,45 @@ def test_schema_documents_every_socket(matting):
 
 # --- workflow in the real server -------------------------------------------------------------------------
 @pytest.mark.server
-def test_txt2img_matting_workflow_writes_rgba_png(comfy_server, server_models):
+def test_txt2img_matting_workflow_alpha_is_the_nodes(comfy_server, server_models, comfy_host):
+    """The shipped workflow in the real server, plus a SaveLatent of the sampler's output: the RGBA PNG it writes
+    is exactly what DiffuMatting VAE Decode gives in-process for that latent, with the same tiny checkpoint VAE
+    and head file (GreenPost refinement on, as the workflow has it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import comfy.sd
+    from diffumatting.models.matting_head import load_head
+    from diffumatting.nodes import matting
     from PIL import Image
+    from fixtures_host import shrink_for_tiny
 
     assert server_models["matting_head"] == TINY_HEAD_NAME
-    workflow = json.loads((ROOT / "workflows" / "txt2img_matting.json").read_text())
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_sd15_diffumatting.json").read_text()))
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    decode = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingVAEDecode")
+    link_id = max(link[0] for link in workflow["links"]) + 1
+    node_id = max(n["id"] for n in workflow["nodes"]) + 1
+    workflow["links"].append([link_id, sampler["id"], 0, node_id, 0, "LATENT"])
+    workflow["nodes"].append({"id": node_id, "type": "SaveLatent", "mode": 0,
+                              "inputs": [{"name": "samples", "type": "LATENT", "link": link_id}],
+                              "widgets_values": ["tests/txt2img_latent"]})
     entry = comfy_server.run_workflow(workflow, timeout=600)
-    files = comfy_server.output_files(entry)
-    pngs = [Image.open(f) for f in files]
-    rgba = [np.asarray(p) for p in pngs if p.mode == "RGBA"]
-    assert rgba, f"no RGBA PNG written: {[p.mode for p in pngs]}"
-    assert rgba[0].shape == (64, 64, 4)
+    pngs = [f for f in comfy_server.output_files(entry) if Image.open(f).mode == "RGBA"]
+    latents = comfy_server.output_files(entry, key="latents")
+    assert len(pngs) == 1 and len(latents) == 1, (pngs, latents)
+    saved = np.asarray(Image.open(pngs[0])).astype(np.float32) / 255.0
+    assert saved.shape == (64, 64, 4)
+
+    latent = load_file(str(latents[0]))["latent_tensor"].float()
+    ckpt = comfy_server.base / "models" / "checkpoints" / server_models["generation"]["checkpoint"]
+    with safe_open(str(ckpt), "pt") as f:
+        vae_sd = {k[len("first_stage_model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("first_stage_model.")}
+    vae = comfy.sd.VAE(sd=vae_sd)
+    head = load_head(comfy_server.base / "models" / "diffumatting" / TINY_HEAD_NAME)
+    refine, tiling, tile_size, overlap = decode["widgets_values"][:4]
+    _, alpha, rgba, _ = matting.MattingVAEDecode.execute({"samples": latent}, vae, head, refine, tiling, tile_size,
+                                                          overlap).result
+    want = np.floor(rgba[0].numpy() * 255 + 0.5) / 255.0
+    assert np.abs(saved - want).max() <= 1.5 / 255, float(np.abs(saved - want).max())
+    assert float(alpha.std()) > 0.01, "the random head gives a varying alpha, not a constant"

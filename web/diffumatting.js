@@ -1,9 +1,20 @@
-// DiffuMatting for ComfyUI: draw a checkerboard under the image previews of the pack's nodes, so
+// DiffuMatting for ComfyUI: a checkerboard under the image previews of the pack's output nodes, so
 // transparent outputs read as transparent instead of blending into the node's background.
+//
+// Two renderers, two ways:
+// - the classic LiteGraph canvas: the checkerboard is painted in the node's onDrawBackground, under the
+//   rectangles where the frontend draws the images;
+// - the Vue node renderer ("Nodes 2.0", setting Comfy.VueNodes.Enabled): nodes are DOM elements
+//   (.lg-node[data-node-id]) and previews are <img> elements, so a style sheet gives those images a
+//   checkerboard background, sized to the image itself (not the letterbox around it).
+// `checkerDraws` counts canvas draws and `drawnNodes` holds the ids of the nodes drawn, for the tests.
 import { app } from "../../scripts/app.js";
 
 const EXTENSION = "DiffuMatting.TransparentPreview";
 const CELL = 8;
+const LIGHT = "#cccccc";
+const DARK = "#999999";
+const STYLE_ID = "diffumatting-transparent-previews";
 const previewTypes = new Set();
 let pattern = null;
 
@@ -12,9 +23,9 @@ function checkerPattern(ctx) {
   const c = document.createElement("canvas");
   c.width = c.height = CELL * 2;
   const g = c.getContext("2d");
-  g.fillStyle = "#cccccc";
+  g.fillStyle = LIGHT;
   g.fillRect(0, 0, CELL * 2, CELL * 2);
-  g.fillStyle = "#999999";
+  g.fillStyle = DARK;
   g.fillRect(0, 0, CELL, CELL);
   g.fillRect(CELL, CELL, CELL, CELL);
   pattern = ctx.createPattern(c, "repeat");
@@ -51,16 +62,68 @@ function imageRects(node) {
   return [{ x: (node.size[0] - w) / 2, y: top + (avail - h) / 2, w, h }];
 }
 
+// --- Vue node renderer: one style sheet with a rule per preview node of the pack ---------------------
+function packNodeIds() {
+  const ids = [];
+  const visit = (graph) => {
+    for (const node of graph?._nodes ?? graph?.nodes ?? []) {
+      if (previewTypes.has(node.comfyClass ?? node.type)) ids.push(String(node.id));
+      if (node.subgraph) visit(node.subgraph);
+    }
+  };
+  visit(app.graph);
+  return ids;
+}
+
+function cssString(value) {
+  return `"${value.replace(/["\\]/g, "\\$&")}"`;
+}
+
+function refreshVueStyle() {
+  let style = document.getElementById(STYLE_ID);
+  if (!style) {
+    style = document.createElement("style");
+    style.id = STYLE_ID;
+    document.head.appendChild(style);
+  }
+  const checker = `repeating-conic-gradient(${DARK} 0% 25%, ${LIGHT} 0% 50%) 0 0 / ${CELL * 2}px ${CELL * 2}px`;
+  style.textContent = packNodeIds().map((id) => {
+    const node = `.lg-node[data-node-id=${cssString(id)}]`;
+    return `${node} div:has(> img) { display: flex; align-items: center; justify-content: center; }\n` +
+      `${node} img { width: auto; height: auto; max-width: 100%; max-height: 100%; background: ${checker}; }`;
+  }).join("\n");
+}
+
+let refreshQueued = false;
+function queueRefresh() {
+  if (refreshQueued) return;
+  refreshQueued = true;
+  setTimeout(() => {
+    refreshQueued = false;
+    refreshVueStyle();
+  }, 0);
+}
+
 const extension = {
   name: EXTENSION,
   checkerDraws: 0,
+  drawnNodes: new Set(),
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (String(nodeData?.category ?? "").startsWith("DiffuMatting") && nodeData.output_node) {
       previewTypes.add(nodeData.name);
     }
   },
+  afterConfigureGraph() {
+    queueRefresh();
+  },
   nodeCreated(node) {
     if (!previewTypes.has(node.comfyClass ?? node.type)) return;
+    queueRefresh();  // after the id is set (a loaded workflow assigns ids after creation)
+    const removed = node.onRemoved;
+    node.onRemoved = function (...args) {
+      queueRefresh();
+      return removed?.apply(this, args);
+    };
     const draw = node.onDrawBackground;
     node.onDrawBackground = function (ctx, ...rest) {
       if (this.imgs?.length && !this.flags?.collapsed) {
@@ -71,6 +134,7 @@ const extension = {
           for (const r of rects) ctx.fillRect(r.x, r.y, r.w, r.h);
           ctx.restore();
           extension.checkerDraws += 1;
+          extension.drawnNodes.add(String(this.id));
         }
       }
       return draw?.call(this, ctx, ...rest);
