@@ -67,6 +67,7 @@ class GreenPost(io.ComfyNode):
                 io.Float.Input("clip_white", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip=OPTION_DOCS["clip_white"]),
                 io.Combo.Input("refiner", options=enum_options(RefinerChoice), default=RefinerChoice.OFF.value,
+                               optional=True,  # added after 0.1: saved API prompts without it keep working
                                tooltip=OPTION_DOCS["refiner"]),
             ],
             outputs=[

@@ -147,7 +147,8 @@ def test_vue_renderer_draws_checkerboard_under_transparent_preview(page, comfy_s
         assert saved[0].name in info["src"]
         assert abs(info["w"] / info["h"] - info["nw"] / info["nh"]) < 0.02, f"checkerboard beyond the image: {info}"
         shot_path = artifacts_dir / "browser_vue_save_rgba.png"
-        others = f'.lg-node:not([data-node-id="{save_id}"])'  # nodes may overlap the preview: hide them
+        # nodes, and dialogs or toasts an earlier test's workflow left open, may cover the preview: hide them
+        others = f'.lg-node:not([data-node-id="{save_id}"]), .p-dialog-mask, .p-dialog, .p-toast'
         page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.display = 'none')")
         img.screenshot(path=str(shot_path))
         page.evaluate(f"() => document.querySelectorAll('{others}').forEach(e => e.style.display = '')")
