@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 MODEL ?=
 
-.PHONY: setup test demo serve bench clean dataset dataset-demo
+.PHONY: setup test demo serve bench clean dataset dataset-demo train-refiner
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ demo: setup
 
 serve: setup
 	$(PY) scripts/serve.py
+
+# GreenPost's learned refiner: rewrites models/weights/greenpost_refiner.safetensors (seeded, CPU).
+train-refiner: setup
+	$(PY) train_refiner.py $(ARGS)
 
 # make dataset OUT=dir ARGS="--servers http://127.0.0.1:8188 --prompts p.txt"  (see make_dataset.py --help)
 dataset: setup

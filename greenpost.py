@@ -47,7 +47,7 @@ def _positive(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffumatting.models.greenpost import OPTION_DOCS
+    from diffumatting.models.greenpost import OPTION_DOCS, RefinerChoice
     from diffumatting.models.image_file import BYTES_PER_PIXEL
 
     p = argparse.ArgumentParser(prog="greenpost.py", description=__doc__,
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=OPTION_DOCS["clip_black"] + " Default 0.")
     p.add_argument("--clip-white", type=_unit("--clip-white"), default=1.0, metavar="0..1",
                    help=OPTION_DOCS["clip_white"] + " Default 1.")
+    p.add_argument("--refiner", choices=[c.value for c in RefinerChoice], default=RefinerChoice.OFF.value,
+                   help=OPTION_DOCS["refiner"] + f" Default {RefinerChoice.OFF.value} (the classical key measures "
+                                                 f"better for now).")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTPUT_DIR/<stem>.png files (default: refuse to start if any exists)")
     p.add_argument("--max-megapixels", type=_positive("--max-megapixels"), default=None, metavar="MP",
@@ -104,7 +107,7 @@ def parse_args(argv):
     try:
         a.options = GreenPostOptions(key_color=key, spill_strength=a.spill_strength, edge_detail=a.edge_detail,
                                      clip_black=a.clip_black,
-                                     clip_white=a.clip_white)
+                                     clip_white=a.clip_white, refiner=a.refiner)
     except ValueError as e:
         p.error(str(e))
     a.files = sorted(f for f in a.input_dir.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS)

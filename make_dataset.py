@@ -31,7 +31,7 @@ _package.register()
 ROOT = _package.ROOT
 sys.path.insert(0, str(ROOT / "scripts"))  # comfy_client
 
-DEFAULT_WORKFLOW = ROOT / "workflows" / "generate_transparent.json"
+DEFAULT_WORKFLOW = ROOT / "workflows" / "transparent_sd15_diffumatting.json"
 THRESHOLD_HELP = {
     "max_backing_residual": "reject when the clear backing's mean RGB distance from the key colour is above this",
     "min_head_iou": "reject when the matting head's alpha and GreenPost's overlap (IoU at 0.5) less than this",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="make only the first N samples of the list")
     g.add_argument("--workflow", type=Path, default=DEFAULT_WORKFLOW,
                    help="workflow JSON (UI or API format) with a sampler, a prompt node and GreenPost or "
-                        "DiffuMatting VAE Decode (default: workflows/generate_transparent.json)")
+                        "DiffuMatting VAE Decode (default: workflows/transparent_sd15_diffumatting.json)")
     w = p.add_argument_group("where to run")
     w.add_argument("--servers", help="comma-separated ComfyUI URLs (one server per GPU), e.g. "
                    "http://127.0.0.1:8188,http://127.0.0.1:8189")
@@ -188,9 +188,10 @@ def main(argv: list[str]) -> int:
                            f"(API))") from None
         models_dir = a.models_dir
         if a.demo:
-            from diffumatting.factory.demo import tiny_base
+            from diffumatting.factory.demo import tiny_base, tiny_workflow
 
             demo_base = tiny_base(Path(tempfile.mkdtemp(prefix="diffumatting_demo_base_")))
+            workflow = tiny_workflow(workflow)
             local = LocalServers(2, demo_base)
             models_dir = demo_base / "models"
         elif a.launch:

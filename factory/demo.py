@@ -16,5 +16,14 @@ def tiny_base(base: Path) -> Path:
     from fixtures_host import populate_server_models  # the same files the server tests use
 
     prepare_base_dir(base)
-    populate_server_models(base)
+    populate_server_models(base, sdxl=False)
     return base
+
+
+def tiny_workflow(workflow: dict) -> dict:
+    """A shipped SD1.5 workflow at the tiny model's size and step count (its public file names are links to
+    the tiny models in tiny_base)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures_host import shrink_for_tiny
+
+    return shrink_for_tiny(workflow)

@@ -41,6 +41,13 @@ class KeyMode(str, Enum):
     PICKED = "picked"
 
 
+class RefinerChoice(str, Enum):
+    """Which learned refinement runs on the classical alpha's uncertain band (models/refiner.py)."""
+
+    SHIPPED = "greenpost_refiner"  # the weights shipped in models/weights/
+    OFF = "off"                    # classical keying only
+
+
 # One line per option; the node reuses them as tooltips.
 OPTION_DOCS = {
     "key_color": "Backing colour to key out, (r, g, b) in 0..1, or None to estimate it from the image (the most "
@@ -52,6 +59,9 @@ OPTION_DOCS = {
                    "wisp the colours support (fine hair, smoke; noisier). 0.5 suits most photos.",
     "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
     "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
+    "refiner": "Learned refinement of the uncertain edge band (hair, fur, noise speckles): 'greenpost_refiner' "
+               "runs the small network shipped with the pack on the pixels the classical key is unsure of "
+               "(experimental: it does not beat the classical key yet); 'off' (default) keeps the classical key.",
 }
 
 
@@ -64,8 +74,13 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
+    refiner: str = RefinerChoice.OFF.value  # the shipped refiner breaks the classical key's guarantees (README)
 
     def __post_init__(self):
+        choices = [c.value for c in RefinerChoice]
+        if str(getattr(self.refiner, "value", self.refiner)) not in choices:
+            raise ValueError(f"refiner={self.refiner!r}: expected one of {choices}; 'off' keys classically")
+        object.__setattr__(self, "refiner", str(getattr(self.refiner, "value", self.refiner)))
         if self.key_color is not None:
             kc = tuple(self.key_color)
             if len(kc) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0
@@ -523,6 +538,20 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
 
 # ----------------------------------------------------------------------------------------------- API
 
+def _refine_fn(choice: str):
+    """The alpha refinement for a RefinerChoice value (None for 'off'): loads the shipped weights."""
+    if choice == RefinerChoice.OFF.value:
+        return None
+    from .refiner import SHIPPED, load_refiner, refine_fields
+
+    model = load_refiner(SHIPPED)
+
+    def refine(x: torch.Tensor, kf: KeyFields) -> torch.Tensor:
+        return refine_fields(model, x, kf)
+    refine.halo = model.halo()
+    return refine
+
+
 def _check_image(image) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"image is a {type(image).__name__}: expected a torch.Tensor IMAGE (B, H, W, C) in [0, 1]")
@@ -606,9 +635,10 @@ def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
         rgb = img[..., :3]
     fg = torch.empty(B, H, W, 3, device=img.device)
     alpha = torch.empty(B, H, W, device=img.device)
+    refine = _refine_fn(options.refiner)
     with torch.no_grad():
         for i in range(B):
-            _key_one(rgb[i], None if prior is None else prior[i], options, None, fg[i], alpha[i])
+            _key_one(rgb[i], None if prior is None else prior[i], options, refine, fg[i], alpha[i])
             msg = None if prior is not None else empty_key_warning(alpha[i])
             if msg is not None and warnings is not None:
                 warnings.append(msg if B == 1 else f"image {i + 1} of {B}: {msg}")

@@ -16,11 +16,10 @@ from ..models.prompting import DEFAULT_GREEN_PHRASE, GREEN_WORD, add_green_phras
 from ..models.unet_layout import Layout, check_compatible, detect_layout, to_ldm
 from ..models.model_files import check_model_name
 from ._files import model_files, resolve_model_file
-from ._schema import CATEGORY, schema
+from ._schema import CATEGORY, enum_options, schema
 
 FAMILY = f"{CATEGORY}/generate"
 UNET_FOLDERS = ("diffumatting", "diffusion_models")
-GREEN_TOKENS_KEY = "diffumatting_green_tokens"
 UNET_PREFIX = "diffusion_model."
 
 
@@ -75,6 +74,19 @@ def refuse_non_finite(weights: dict[str, torch.Tensor], what: str) -> None:
                          f"{bad[:3]}): training diverged or the file is damaged; use an earlier checkpoint")
 
 
+def unet_patches(weights: dict[str, torch.Tensor], strength: float) -> tuple[dict, float, float]:
+    """(patches, strength_patch, strength_model) for ModelPatcher.add_patches.
+
+    Strength 1 replaces each weight: a "set" patch, which core's calculate_weight applies as one copy (ComfyUI
+    0.3.75 and the newest both read ("set", (tensor,)) that way), so nothing is recomputed as a full-size
+    difference per layer. Below 1 the weights blend: a "diff" patch at `strength` on the base scaled by
+    (1 - strength).
+    """
+    if strength == 1.0:
+        return {UNET_PREFIX + k: ("set", (v,)) for k, v in weights.items()}, 1.0, 1.0
+    return {UNET_PREFIX + k: (v,) for k, v in weights.items()}, strength, 1.0 - strength
+
+
 def apply_unet(model, weights: dict[str, torch.Tensor], strength: float):
     """A clone of `model` whose UNet is (1 - strength) * base + strength * weights (ComfyUI patches)."""
     strength = float(strength)
@@ -83,8 +95,8 @@ def apply_unet(model, weights: dict[str, torch.Tensor], strength: float):
     m = model.clone()
     if strength == 0.0:
         return m
-    patches = {UNET_PREFIX + k: (v,) for k, v in weights.items()}
-    added = m.add_patches(patches, strength_patch=strength, strength_model=1.0 - strength)
+    patches, strength_patch, strength_model = unet_patches(weights, strength)
+    added = m.add_patches(patches, strength_patch=strength_patch, strength_model=strength_model)
     if len(added) != len(patches):
         missing = sorted(set(patches) - set(added))[:3]
         raise ValueError(f"{len(patches) - len(added)} UNet weights could not be patched (e.g. {missing})")
@@ -167,12 +179,12 @@ class GreenPrompt(io.ComfyNode):
             node_id="DiffuMattingGreenPrompt",
             display_name="Green Canvas Prompt",
             category=FAMILY,
-            description="CLIP text encode that appends the green-screen phrase the DiffuMatting UNet was "
-                        "trained with, and records which tokens carry \"green\" (in the conditioning, under "
-                        f"'{GREEN_TOKENS_KEY}', and as JSON) for attention guidance and training.",
+            description="Text encode (any CLIP: SD1.x, SDXL's CLIP-L + CLIP-G, Flux's CLIP-L + T5) that appends "
+                        "the green-screen phrase the DiffuMatting UNet was trained with, so the prompt asks for "
+                        "a flat green backing.",
             search_aliases=["green prompt", "green screen prompt", "text encode green", "clip green"],
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP text encoder of the checkpoint."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) of the checkpoint."),
                 io.String.Input("text", multiline=True, default="a ceramic mug, studio product photo",
                                 tooltip="What to paint; the green-screen phrase is appended."),
                 io.String.Input("green_phrase", default=DEFAULT_GREEN_PHRASE,
@@ -181,11 +193,8 @@ class GreenPrompt(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output("conditioning", display_name="conditioning",
-                                       tooltip="The encoded prompt, with the green token positions attached."),
+                                       tooltip="The encoded prompt (core's encode of the full text)."),
                 io.String.Output("prompt", display_name="prompt", tooltip="The full text that was encoded."),
-                io.String.Output("green_tokens", display_name="green_tokens",
-                                 tooltip="JSON: per text encoder, the token positions of the word 'green' in "
-                                         "the conditioning sequence."),
             ],
         )
 
@@ -194,15 +203,8 @@ class GreenPrompt(io.ComfyNode):
         if clip is None:
             raise ValueError("clip is None: the checkpoint has no text encoder; load one with a CLIP loader")
         full = add_green_phrase(text, green_phrase)
-        tokens = clip.tokenize(full)
-        positions = green_tokens(clip, tokens)
-        cond = clip.encode_from_tokens_scheduled(tokens)
-        out = []
-        for c in cond:
-            extra = dict(c[1])
-            extra[GREEN_TOKENS_KEY] = positions
-            out.append([c[0], extra])
-        return io.NodeOutput(out, full, json.dumps(positions))
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(full))
+        return io.NodeOutput(cond, full)
 
 
 # --- training-free green canvas ---------------------------------------------------------------------------
@@ -216,10 +218,13 @@ def key_colour_latent(vae, model, rgb: tuple[float, float, float], size: int = 6
     return model.model.process_latent_in(shaped).flatten().float().detach()
 
 
-def green_canvas_model(model, vae, key_color: str, strength: float, end_percent: float, region: dict):
-    """A clone of `model` whose sampler pulls x0 toward the key colour outside the central region."""
+def green_canvas_model(model, vae, key_color: str, strength: float, end_percent: float, region: dict,
+                       mode: green_canvas.CanvasMode = green_canvas.CanvasMode.FOLLOW):
+    """A clone of `model` whose sampler pulls x0 toward the key colour in the background: found in each
+    step's x0 prediction (FOLLOW) or outside the fixed ellipse `region` (ELLIPSE)."""
     rgb = green_canvas.hex_to_rgb(key_color)
-    green_canvas.background_weight(8, 8, **region)  # validates the region early
+    mode = green_canvas.CanvasMode(mode)
+    green_canvas.background_weight(8, 8, **region)  # validates the region early (also kept in follow mode)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength {strength} must be in 0..1")
     if not 0.0 <= end_percent <= 1.0:
@@ -228,7 +233,7 @@ def green_canvas_model(model, vae, key_color: str, strength: float, end_percent:
     sigma_end = float(model.get_model_object("model_sampling").percent_to_sigma(end_percent))
     m = model.clone()
     if strength > 0 and end_percent > 0:
-        m.set_model_sampler_post_cfg_function(green_canvas.GreenCanvasGuide(key, strength, sigma_end, region))
+        m.set_model_sampler_post_cfg_function(green_canvas.GreenCanvasGuide(key, strength, sigma_end, region, mode))
     return m
 
 
@@ -239,33 +244,41 @@ class GreenCanvas(io.ComfyNode):
             node_id="DiffuMattingGreenCanvas",
             display_name="Green Canvas (training-free)",
             category=FAMILY,
-            description="Makes any SD1.x/SDXL checkpoint paint the object on a flat key-colour backing, without "
-                        "DiffuMatting weights: during the first steps the sampler's clean-image prediction is "
-                        "pulled toward the key colour's latent outside a soft central region (after TKG-DM). "
-                        "Use with KSampler; prompt for a single centred object.",
+            description="Makes any checkpoint (SD1.x, SDXL, Flux, ...) paint the object on a flat key-colour "
+                        "backing, without DiffuMatting weights: while sampling, the model's clean-image "
+                        "prediction is pulled toward the key colour's latent in the background. 'follow object' "
+                        "finds the background in the model's own prediction at every step (any size, position, "
+                        "several objects); 'fixed ellipse' uses the region below (after TKG-DM). Use with "
+                        "KSampler; prompt for an object on a green screen.",
             search_aliases=["green screen", "green background", "chroma key background", "tkg-dm",
                             "transparent generation", "green canvas"],
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL to sample with (cloned, not changed)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE, used once to encode the key colour."),
+                io.Combo.Input("mode", options=enum_options(green_canvas.CanvasMode), default=green_canvas.CanvasMode.FOLLOW.value,
+                               tooltip="follow object: the background is read from the model's prediction at "
+                                       "every step, the object is left alone wherever it is. fixed ellipse: "
+                                       "everything outside the ellipse below is background (use strength ~0.8, "
+                                       "end_percent ~0.35 so objects outside it are not painted over)."),
                 io.String.Input("key_color", default="#00b140",
                                 tooltip="Backing colour as hex (#00b140 = chroma-key green)."),
-                io.Float.Input("strength", default=0.8, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How far the background prediction is pulled toward the key colour in "
                                        "the guided steps (0 = off, 1 = replaced)."),
-                io.Float.Input("end_percent", default=0.35, min=0.0, max=1.0, step=0.01,
-                               tooltip="Guide while sampling is before this fraction of the schedule; later "
-                                       "steps are the model's own (edges, details)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Guide while sampling is before this fraction of the schedule (1 = every "
+                                       "step). Later steps are the model's own."),
                 io.Float.Input("center_x", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Centre of the object region, fraction of the width."),
+                               tooltip="fixed ellipse: centre of the object region, fraction of the width."),
                 io.Float.Input("center_y", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Centre of the object region, fraction of the height."),
+                               tooltip="fixed ellipse: centre of the object region, fraction of the height."),
                 io.Float.Input("width", default=0.6, min=0.05, max=2.0, step=0.01,
-                               tooltip="Width of the elliptical object region (fraction of the image width)."),
+                               tooltip="fixed ellipse: width of the object region (fraction of the width)."),
                 io.Float.Input("height", default=0.7, min=0.05, max=2.0, step=0.01,
-                               tooltip="Height of the elliptical object region (fraction of the height)."),
+                               tooltip="fixed ellipse: height of the object region (fraction of the height)."),
                 io.Float.Input("feather", default=0.15, min=0.0, max=1.0, step=0.01,
-                               tooltip="Softness of the region's edge (fraction of the smaller side)."),
+                               tooltip="fixed ellipse: softness of the region's edge (fraction of the smaller "
+                                       "side)."),
             ],
             outputs=[io.Model.Output("MODEL", display_name="MODEL",
                                      tooltip="A clone of the MODEL with the green-canvas guidance attached.")],
@@ -281,10 +294,12 @@ class GreenCanvas(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, vae, key_color="#00b140", strength=0.8, end_percent=0.35, center_x=0.5,
-                center_y=0.5, width=0.6, height=0.7, feather=0.15) -> io.NodeOutput:
+    def execute(cls, model, vae, mode=green_canvas.CanvasMode.FOLLOW.value, key_color="#00b140", strength=1.0,
+                end_percent=1.0, center_x=0.5, center_y=0.5, width=0.6, height=0.7,
+                feather=0.15) -> io.NodeOutput:
         region = dict(center_x=center_x, center_y=center_y, width=width, height=height, feather=feather)
-        return io.NodeOutput(green_canvas_model(model, vae, key_color, strength, end_percent, region))
+        return io.NodeOutput(green_canvas_model(model, vae, key_color, strength, end_percent, region,
+                                                green_canvas.CanvasMode(str(mode))))
 
 
 NODES = [UNetLoader, GreenPrompt, GreenCanvas]

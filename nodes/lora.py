@@ -114,16 +114,20 @@ def _patch_count(model, clip) -> int | None:
     return sum(len(v) for p in patchers for v in p.patches.values())
 
 
-def apply_stack(model, clip, stack, model_only: bool = False, green_protection: float = 0.0):
+def apply_stack(model, clip, stack, model_only: bool = False, green_protection: float = 0.0,
+                unprotected: frozenset[int] = frozenset()):
     """Apply every (name, model_strength, clip_strength) of `stack` in order; returns (model, clip).
 
-    A LoRA that matches none of the weights it is applied to is an error (another model family)."""
-    for name, ms, cs in normalise_stack(stack):
+    Entries whose index is in `unprotected` are applied at full strength whatever `green_protection` is
+    (a LoRA trained with the DiffuMatting trainer must never be damped). A LoRA that matches none of the
+    weights it is applied to is an error (another model family)."""
+    for i, (name, ms, cs) in enumerate(normalise_stack(stack)):
         if ms == 0 and (cs == 0 or model_only or clip is None):
             continue
         lora = load_lora_file(name)
+        protection = 0.0 if i in unprotected else green_protection
         before = _patch_count(model, None if model_only else clip)
-        model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, green_protection)
+        model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, protection)
         if before is not None and _patch_count(model, None if model_only else clip_out) == before:
             raise ValueError(f"LoRA {name!r} matches none of the weights of this "
                              f"{'MODEL' if model_only or clip is None else 'MODEL or CLIP'}: it was made for another "
@@ -146,6 +150,9 @@ def _row_inputs() -> list:
                            tooltip=f"Row {i}: strength on the diffusion model (0 = leave the model alone)."),
             io.Float.Input(f"clip_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
                            tooltip=f"Row {i}: strength on the text encoder (ignored in model-only mode)."),
+            io.Boolean.Input(f"protect_{i}", default=True,
+                             tooltip=f"Row {i}: apply green_protection to this LoRA. Turn off for a LoRA "
+                                     "trained with the DiffuMatting trainer (it must never be damped)."),
         ]
     return inputs
 
@@ -160,7 +167,7 @@ class LoraStack(io.ComfyNode):
             description=f"Applies up to {ROWS} LoRAs (rows: file, on/off, model and clip strength) plus any "
                         "incoming LORA_STACK, with core's LoRA loading. Chain stacks through lora_stack for "
                         "more rows. green_protection keeps style LoRAs from repainting the green backing "
-                        "by scaling their cross-attention deltas.",
+                        "by scaling their cross-attention deltas; a row's protect switch opts it out.",
             search_aliases=["lora stack", "lora stacker", "multiple loras", "lora loader", "style lora"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion MODEL to patch (a clone is returned)."),
@@ -193,6 +200,7 @@ class LoraStack(io.ComfyNode):
     def execute(cls, model, clip=None, lora_stack=None, model_only=False, green_protection=0.0,
                 **rows) -> io.NodeOutput:
         stack = normalise_stack(lora_stack)
+        unprotected = set()
         for i in range(1, ROWS + 1):
             name = rows.get(f"lora_{i}", NONE)
             if name in (None, "", NONE) or not rows.get(f"on_{i}", True):
@@ -201,9 +209,12 @@ class LoraStack(io.ComfyNode):
             cs = float(rows.get(f"clip_strength_{i}", 1.0))
             if ms == 0 and cs == 0:
                 continue
+            if not rows.get(f"protect_{i}", True):
+                unprotected.add(len(stack))
             stack.append((str(name), ms, cs))
         out_model, out_clip = apply_stack(model, clip, stack, model_only=bool(model_only),
-                                          green_protection=float(green_protection))
+                                          green_protection=float(green_protection),
+                                          unprotected=frozenset(unprotected))
         return io.NodeOutput(out_model, out_clip, stack)
 
 

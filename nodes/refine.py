@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models.alpha import parse_hex_color
-from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, greenpost
+from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, RefinerChoice, greenpost
 from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/refine"
@@ -22,11 +22,13 @@ TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that co
              "SplitImageWithAlpha output and JoinImageWithAlpha expects.")
 
 
-def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white) -> GreenPostOptions:
+def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white,
+             refiner=RefinerChoice.OFF.value) -> GreenPostOptions:
     mode = enum_value(KeyMode, key_mode, "key_mode")
     key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
     return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
-                            clip_black=float(clip_black), clip_white=float(clip_white))
+                            clip_black=float(clip_black), clip_white=float(clip_white),
+                            refiner=enum_value(RefinerChoice, refiner, "refiner").value)
 
 
 class GreenPost(io.ComfyNode):
@@ -64,6 +66,8 @@ class GreenPost(io.ComfyNode):
                                tooltip=OPTION_DOCS["clip_black"]),
                 io.Float.Input("clip_white", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip=OPTION_DOCS["clip_white"]),
+                io.Combo.Input("refiner", options=enum_options(RefinerChoice), default=RefinerChoice.OFF.value,
+                               tooltip=OPTION_DOCS["refiner"]),
             ],
             outputs=[
                 io.Image.Output("foreground", display_name="foreground",
@@ -92,11 +96,11 @@ class GreenPost(io.ComfyNode):
     @classmethod
     def execute(cls, image, alpha_prior=None, key_mode=KeyMode.AUTO.value, key_color="#00b140",
                 spill_strength=1.0, edge_detail=0.5, clip_black=0.0,
-                clip_white=1.0) -> io.NodeOutput:
+                clip_white=1.0, refiner=RefinerChoice.OFF.value) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
-        opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white)
+        opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, refiner)
         if image.ndim == 3:
             image = image[None]
         n = image.shape[0]

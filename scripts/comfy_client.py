@@ -194,8 +194,84 @@ def _extra_widget_values(name: str, spec) -> int:
     return extra
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """Convert a UI-format workflow (nodes + links) to the API prompt format, using /object_info."""
+_CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def _combo_options(spec) -> list | None:
+    """The options of a COMBO spec (old style [options, {...}] or V3 style ["COMBO", {"options": [...]}])."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return opts.get("options") if spec[0] == "COMBO" else None
+
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _widget_problem(name: str, spec, value, missing_files_ok: bool = False) -> str | None:
+    """Why `value` cannot be the value of widget `name` with input spec `spec` (None when it can).
+
+    A model file name that this server does not have is a problem unless `missing_files_ok` (checking a
+    workflow's structure on a server without the artist's model files)."""
+    kind = "COMBO" if isinstance(spec[0], list) else spec[0]
+    if kind == "COMBO":
+        options = _combo_options(spec)
+        if options is not None and value not in options:
+            if isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES):
+                if missing_files_ok:
+                    return None
+                return f"{name}={value!r}: this server has no such model file (the workflow's note says where it goes)"
+            shown = ", ".join(repr(o) for o in options[:8]) + (" ..." if len(options) > 8 else "")
+            return f"{name}={value!r} is not one of its options ({shown or 'none on this server'})"
+        return None
+    expected = {"INT": int, "FLOAT": (int, float), "BOOLEAN": bool, "STRING": str}.get(kind)
+    if expected is None:
+        return None
+    if isinstance(value, bool) and kind != "BOOLEAN" or not isinstance(value, expected):
+        return f"{name}={value!r} is not a {kind}"
+    return None
+
+
+def _node_widget_inputs(node: dict, info: dict, missing_files_ok: bool = False) -> dict:
+    """The widget inputs of a UI node, by name, from its widgets_values; refuses values that do not match the
+    node's inputs on this server (count, type, combo options), naming the node, the widget and the value."""
+    label = f"node {node['id']} ({node['type']})"
+    if isinstance(node.get("widgets_values"), dict):
+        raise WorkflowError(f"{label} stores widgets by name; not supported")
+    values = list(node.get("widgets_values") or [])
+    inputs, names, pos = {}, [], 0
+    for section in ("required", "optional"):
+        section_specs = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(section_specs)):
+            spec = section_specs[name]
+            if not _is_widget(spec):
+                continue
+            names.append(name)
+            if pos < len(values):
+                problem = _widget_problem(name, spec, values[pos], missing_files_ok)
+                if problem and "no such model file" in problem:
+                    raise WorkflowError(f"{label}: {problem}")
+                if problem:
+                    raise WorkflowError(f"{label}: {problem}; the workflow was saved for another version of "
+                                        f"this node: re-create the node or fix the value")
+                inputs[name] = values[pos]
+                extra = _extra_widget_values(name, spec)
+                if extra and spec[0] == "INT" and pos + 1 < len(values) and values[pos + 1] not in _CONTROL_VALUES:
+                    raise WorkflowError(f"{label}: the value after {name} must be one of {sorted(_CONTROL_VALUES)} "
+                                        f"(control after generate), got {values[pos + 1]!r}")
+            pos += 1 + _extra_widget_values(name, spec)
+    if pos != len(values):
+        raise WorkflowError(f"{label} has {len(values)} widget values but the node's widgets on this server "
+                            f"({', '.join(names) or 'none'}) take {pos}: the workflow was saved for another "
+                            f"version of this node; re-create the node or fix widgets_values {values!r}")
+    return inputs
+
+
+def ui_to_api(workflow: dict, object_info: dict, missing_files_ok: bool = False) -> dict:
+    """Convert a UI-format workflow (nodes + links) to the API prompt format, using /object_info.
+
+    Refuses widget values that do not match a node's inputs on this server (count, types, combo options); a
+    model file the server lacks is refused too unless `missing_files_ok`."""
     if "nodes" not in workflow or "links" not in workflow:
         # Already in API format.
         return workflow
@@ -224,21 +300,13 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise WorkflowError(f"node {node['id']} has type {ntype!r}, which this server does not know "
                                 "(a custom node pack is missing)")
         linked = {i["name"]: i.get("link") for i in node.get("inputs", []) if i.get("link") is not None}
-        values = list(node.get("widgets_values") or [])
-        if isinstance(node.get("widgets_values"), dict):
-            raise WorkflowError(f"node {node['id']} ({ntype}) stores widgets by name; not supported")
-        inputs = {}
-        pos = 0
-        for section in ("required", "optional"):
-            section_specs = info["input"].get(section, {})
-            for name in info.get("input_order", {}).get(section, list(section_specs)):
-                spec = section_specs[name]
-                if _is_widget(spec):
-                    if pos < len(values):
-                        inputs[name] = values[pos]
-                    pos += 1 + _extra_widget_values(name, spec)
-                if name in linked:
-                    inputs[name] = source_of(linked[name])
+        inputs = _node_widget_inputs(node, info, missing_files_ok)
+        known = {n for section in ("required", "optional") for n in info["input"].get(section, {})}
+        for name, link_id in linked.items():
+            if name not in known:
+                raise WorkflowError(f"node {node['id']} ({ntype}) has a link into {name!r}, an input this node "
+                                    f"does not have on this server (inputs: {', '.join(sorted(known))})")
+            inputs[name] = source_of(link_id)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs,
                                    "_meta": {"title": node.get("title", ntype)}}
     return prompt

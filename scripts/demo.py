@@ -2,7 +2,10 @@
 stop the server, and print the transparent PNG's path on the last line.
 
 Default job: workflows/key_green_screen.json on a green-screen sample the project generates itself.
-With --model CHECKPOINT: the generation workflow with that checkpoint instead.
+With --model FILE: the transparent-generation workflow of the model's family, as ComfyUI's own model
+detection identifies it (SD1.x checkpoint -> transparent_sd15.json, SDXL checkpoint or finetune ->
+transparent_sdxl.json, Flux diffusion model -> transparent_flux.json, whose text encoders and VAE must be in
+the base directory's models folders under the names its note gives), at the workflow's real size and steps.
 """
 from __future__ import annotations
 
@@ -32,10 +35,59 @@ def set_widget(workflow: dict, node_type: str, index: int, value) -> None:
         node["widgets_values"][index] = value
 
 
+FAMILY_WORKFLOWS = {"sd15": ("transparent_sd15.json", "checkpoints", "CheckpointLoaderSimple"),
+                    "sdxl": ("transparent_sdxl.json", "checkpoints", "CheckpointLoaderSimple"),
+                    "flux": ("transparent_flux.json", "diffusion_models", "UNETLoader")}
+
+
+class _Shape:
+    """A tensor stand-in for ComfyUI's detection, which reads only `.shape` (the file is not loaded)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def detect_family(path: Path) -> tuple[str, str]:
+    """("sd15" | "sdxl" | "flux", ComfyUI's model config class name) for a model file, from ComfyUI's own
+    model detection on the file's key shapes; WorkflowError for a family without a workflow."""
+    from safetensors import safe_open
+
+    if str(HOST) not in sys.path:
+        sys.path.insert(1, str(HOST))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+
+    args.cpu = True  # detection only reads shapes; the server process picks its own device
+
+    with safe_open(str(path), "pt") as f:
+        sd = {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
+    return family_of_shapes(sd, path.name)
+
+
+def family_of_shapes(sd: dict, name: str) -> tuple[str, str]:
+    """detect_family on a state dict whose values have `.shape` (what ComfyUI's detection reads)."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    if not any(k.startswith(prefix) for k in sd):
+        prefix = ""  # a bare diffusion model (Flux's UNETLoader files)
+    config = comfy.model_detection.model_config_from_unet(sd, prefix)
+    detected = type(config).__name__ if config is not None else "unknown"
+    for family, classes in (("sd15", (sm.SD15,)), ("sdxl", (sm.SDXL,)), ("flux", (sm.Flux,))):
+        if isinstance(config, classes):
+            return family, detected
+    raise WorkflowError(f"{name} is detected as {detected}; `make demo` has workflows for SD1.x, SDXL and Flux "
+                        f"models (workflows/transparent_*.json)")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
-                   help="an SD1.x/SDXL checkpoint (.safetensors) to generate with instead of keying the sample")
+                   help="an SD1.x or SDXL checkpoint, or a Flux diffusion model (.safetensors), to generate with "
+                        "instead of keying the sample; the workflow follows the detected family")
     p.add_argument("--base-dir", type=Path, default=HOST,
                    help="ComfyUI base directory for input/output/models (default: the dev host's own)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow")
@@ -58,17 +110,16 @@ def main(argv: list[str]) -> int:
         write_green_sample(base / "input" / SAMPLE_NAME)
         set_widget(workflow, "LoadImage", 0, SAMPLE_NAME)
     else:
-        ckpt_dir = base / "models" / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        link = ckpt_dir / args.model.name
+        family, detected = detect_family(args.model)
+        name, folder, loader = FAMILY_WORKFLOWS[family]
+        print(f"[demo] {args.model.name}: ComfyUI detects {detected}; running workflows/{name}", file=sys.stderr)
+        model_dir = base / "models" / folder
+        model_dir.mkdir(parents=True, exist_ok=True)
+        link = model_dir / args.model.name
         if not link.exists():
             link.symlink_to(args.model.resolve())
-        workflow = json.loads((ROOT / "workflows" / "generate_green_canvas.json").read_text())
-        set_widget(workflow, "CheckpointLoaderSimple", 0, args.model.name)
-        # The workflow's 64x64 / 3 steps suit the tests' tiny checkpoint; a real one needs real settings.
-        set_widget(workflow, "EmptyLatentImage", 0, 512)
-        set_widget(workflow, "EmptyLatentImage", 1, 512)
-        set_widget(workflow, "KSampler", 2, 20)
+        workflow = json.loads((ROOT / "workflows" / name).read_text())
+        set_widget(workflow, loader, 0, args.model.name)
     print(f"[demo] starting ComfyUI ({HOST}) with the pack; output folder {base / 'output'}", file=sys.stderr)
     with ComfyServer(base) as server:
         entry = server.run_workflow(workflow, timeout=args.timeout)

@@ -1,23 +1,86 @@
-"""Files the real-server tests need in the server's base directory (inputs and models)."""
+"""Files the real-server tests need in the server's base directory (inputs and models), and the mapping of
+the public model names the shipped workflows use to the tiny test fixtures.
+
+The shipped workflows name the files an artist has (v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors,
+...). At test time each public name is a link, in the folder core reads it from, to a tiny fixture of the
+same family built with ComfyUI's own classes; `shrink_for_tiny` then lowers a workflow's size and step count
+so a test run stays quick. Nothing else in a workflow changes.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+# folder -> {public file name: fixture file name in the same folder}
+PUBLIC_NAMES = {
+    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "diffumatting_tiny_sd15.safetensors",
+                    "sd_xl_base_1.0.safetensors": "diffumatting_tiny_sdxl.safetensors"},
+    "diffumatting": {"diffumatting_unet_sd15.safetensors": "diffumatting_tiny_unet.safetensors",
+                     "diffumatting_head_sd15.safetensors": "diffumatting_tiny_head.safetensors"},
+}
+FIXTURE_NAMES = {fixture for names in PUBLIC_NAMES.values() for fixture in names.values()}
+SDXL_LORA_NAME = "diffumatting_style_sdxl.safetensors"
+TINY_SIZE, TINY_STEPS = 64, 2
+_LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
-def populate_server_models(base: Path) -> dict:
-    """Write the test inputs and models into `base`; returns their names."""
+
+def populate_server_models(base: Path, sdxl: bool = True) -> dict:
+    """Write the test inputs and models into `base` (the SDXL fixture, 2 GB, only with `sdxl`); returns their
+    names."""
     from support.samples import write_green_sample
 
     names = {}
     names["green_sample"] = write_green_sample(base / "input" / "diffumatting_green_sample.png").name
-    from conftest import add_host_to_path  # the tiny checkpoint is built with ComfyUI's classes
+    from conftest import add_host_to_path  # the tiny checkpoints are built with ComfyUI's classes
 
     add_host_to_path()
+    from support.tiny_families import build_tiny_sdxl_checkpoint, write_random_sdxl_lora
     from support.tiny_sd15 import write_generation_models
 
     names["generation"] = write_generation_models(base)
-    # Keep last: the head's architecture follows the tiny checkpoint's VAE when that is already written.
+    names["workflow_loras"] = {"transparent_sd15": names["generation"]["loras"][0],
+                               "transparent_sd15_diffumatting": names["generation"]["loras"][1],
+                               "transparent_sdxl": SDXL_LORA_NAME}
+    if sdxl:
+        build_tiny_sdxl_checkpoint(Path(base) / "models" / "checkpoints" / PUBLIC_NAMES["checkpoints"]
+                                   ["sd_xl_base_1.0.safetensors"])
+        write_random_sdxl_lora(Path(base) / "models" / "loras" / SDXL_LORA_NAME, seed=31)
+        names["sdxl_lora"] = SDXL_LORA_NAME
+    # Keep after the SD1.5 checkpoint: the head's architecture follows that checkpoint's VAE.
     from matting_fixtures import write_tiny_head
 
     names["matting_head"] = write_tiny_head(base)
+    link_public_names(base)
     return names
+
+
+def link_public_names(base: Path) -> None:
+    """Link every public name in PUBLIC_NAMES to its fixture, in the same model folder of `base`."""
+    for folder, names in PUBLIC_NAMES.items():
+        for public, fixture in names.items():
+            target = Path(base) / "models" / folder / fixture
+            if not target.is_file():
+                continue  # a family left out (populate_server_models(sdxl=False))
+            link = target.with_name(public)
+            if not link.exists():
+                os.symlink(target.name, link)
+
+
+# Workflows whose model files have no tiny fixture here (ComfyUI fixes Flux's T5-XXL text encoder at 4.7
+# billion parameters, which this CPU test machine cannot build or run): they must fail with an error naming
+# the missing file, in the server and in the page.
+NO_FIXTURE = {"transparent_flux": "flux1-dev.safetensors"}
+
+
+def shrink_for_tiny(workflow: dict, lora: str | None = None) -> dict:
+    """The workflow with its latent size and sampling steps lowered for the tiny fixtures (in place); with
+    `lora`, row 1 of each LoRA stack applies that LoRA (a fixture of the workflow's family)."""
+    for node in workflow["nodes"]:
+        if node["type"] == "DiffuMattingLoraStack" and lora is not None:
+            node["widgets_values"][2] = lora
+        if node["type"] in _LATENT_NODES:
+            node["widgets_values"][0:2] = [TINY_SIZE, TINY_SIZE]
+        elif node["type"] == "KSampler":
+            node["widgets_values"][1] = "fixed"
+            node["widgets_values"][2] = TINY_STEPS
+    return workflow

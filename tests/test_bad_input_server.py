@@ -53,7 +53,8 @@ def _generation(server_models, **nodes) -> dict:
                                                                "unet_name": names["diffumatting_unet"],
                                                                "strength": 1.0}},
         "g": {"class_type": "DiffuMattingGreenCanvas", "inputs": {
-            "model": ["u", 0], "vae": ["c", 2], "key_color": "#00b140", "strength": 0.8, "end_percent": 0.35,
+            "model": ["u", 0], "vae": ["c", 2], "mode": "fixed ellipse", "key_color": "#00b140", "strength": 0.8,
+            "end_percent": 0.35,
             "center_x": 0.5, "center_y": 0.5, "width": 0.6, "height": 0.7, "feather": 0.15}},
         "e": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "p": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c", 1], "text": "a mug"}},

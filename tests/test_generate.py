@@ -121,6 +121,12 @@ def test_strength_endpoints_and_base_untouched(tiny, finetune, tmp_path):
     ref_path = save_safetensors_atomic(sd, tmp_path / "ref.safetensors")
     ref = comfy.sd.load_checkpoint_guess_config(str(ref_path), output_vae=False, output_clip=False)[0]
     at1 = G.apply_unet(base, finetune, 1.0)
+    # Strength 1 replaces the weights ("set"): no full-size difference to recompute per layer and step.
+    kinds = {k: [p[1][0] if len(p[1]) == 2 else "diff" for p in v] for k, v in at1.patches.items()}
+    assert len(kinds) == len(finetune) and all(v == ["set"] for v in kinds.values()), set(map(tuple, kinds.values()))
+    half_kinds = {p[1][0] if len(p[1]) == 2 else "diff" for v in G.apply_unet(base, finetune, 0.5).patches.values()
+                  for p in v}
+    assert half_kinds == {"diff"}, "below 1 the weights blend"
     assert torch.equal(_sample(at1, tiny["clip"]), _sample(ref, tiny["clip"]))
     assert not torch.equal(_sample(at1, tiny["clip"]), base_out), "the fine-tuned UNet must change the output"
 
@@ -209,22 +215,23 @@ def test_loader_node_refuses_pickle_foreign_and_other_architecture(tiny, finetun
         G.UNetLoader.execute(tiny["model"], "wrong.safetensors", 1.0)
 
 
-def test_green_prompt_marks_green_tokens(tiny):
+def test_green_prompt_encodes_the_full_text_and_marks_green_tokens(tiny):
     from diffumatting.nodes import generate as G
 
     clip = tiny["clip"]
-    cond, text, tokens_json = G.GreenPrompt.execute(clip, "a red apple", P.DEFAULT_GREEN_PHRASE).result
+    cond, text = G.GreenPrompt.execute(clip, "a red apple", P.DEFAULT_GREEN_PHRASE).result
     assert text == "a red apple, " + P.DEFAULT_GREEN_PHRASE
-    positions = json.loads(tokens_json)
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    assert torch.equal(cond[0][0], plain[0][0]), "the conditioning itself is core's encode of the full text"
+    _, text2 = G.GreenPrompt.execute(clip, "an apple", "").result
+    assert text2 == "an apple"
+    # The helper the green-token protection uses: positions of "green" per text encoder.
+    positions = G.green_tokens(clip, clip.tokenize(text))
     ids = [t[0] for t in clip.tokenize(text)["l"][0]]
     green_id = [t for t in (x[0] for x in clip.tokenize("green")["l"][0]) if t not in
                 {x[0] for x in clip.tokenize("")["l"][0]}]
     assert positions["l"] and all(ids[p] in green_id for p in positions["l"])
-    assert cond[0][1][G.GREEN_TOKENS_KEY] == positions
-    plain = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    assert torch.equal(cond[0][0], plain[0][0]), "the conditioning itself is core's encode of the full text"
-    _, text2, tokens2 = G.GreenPrompt.execute(clip, "an apple", "").result
-    assert text2 == "an apple" and json.loads(tokens2) == {"l": []}
+    assert G.green_tokens(clip, clip.tokenize("an apple")) == {"l": []}
 
 
 def test_schemas_validate_in_the_host(comfy_host):

@@ -60,8 +60,8 @@ def test_background_moves_toward_key_colour_only_with_canvas_on(tiny):
 
     model, clip, vae = tiny["model"], tiny["clip"], tiny["vae"]
     key = G.key_colour_latent(vae, model, gc.hex_to_rgb(KEY))
-    on = G.GreenCanvas.execute(model, vae, KEY, 0.8, 0.35, **REGION).result[0]
-    zero = G.GreenCanvas.execute(model, vae, KEY, 0.0, 0.35, **REGION).result[0]
+    on = G.GreenCanvas.execute(model, vae, gc.CanvasMode.ELLIPSE.value, KEY, 0.8, 0.35, **REGION).result[0]
+    zero = G.GreenCanvas.execute(model, vae, gc.CanvasMode.ELLIPSE.value, KEY, 0.0, 0.35, **REGION).result[0]
     assert "sampler_post_cfg_function" not in model.model_options, "the input model must stay unpatched"
     bg_off, bg_on, in_off, in_on = [], [], [], []
     for seed in range(3):
@@ -83,4 +83,95 @@ def test_green_canvas_refuses_bad_inputs(tiny):
 
     assert "not a hex colour" in G.GreenCanvas.validate_inputs(key_color="lime")
     with pytest.raises(ValueError, match="width"):
-        G.GreenCanvas.execute(tiny["model"], tiny["vae"], KEY, 0.8, 0.35, 0.5, 0.5, 0.0, 0.7, 0.1)
+        G.GreenCanvas.execute(tiny["model"], tiny["vae"], "fixed ellipse", KEY, 0.8, 0.35, 0.5, 0.5, 0.0, 0.7, 0.1)
+    with pytest.raises(ValueError, match="is not a valid CanvasMode"):
+        G.GreenCanvas.execute(tiny["model"], tiny["vae"], "circle", KEY)
+
+
+# --- follow-object mode ---------------------------------------------------------------------------------
+def _scene(mask: torch.Tensor, backing=(0.3, 0.6, 0.36), colour=(0.8, 0.2, 0.2)) -> torch.Tensor:
+    img = torch.tensor(backing).view(1, 3, 1, 1).expand(1, 3, *mask.shape).clone()
+    img[0][:, mask] = torch.tensor(colour).view(3, 1)
+    return img
+
+
+def test_follow_background_finds_objects_anywhere():
+    key = torch.tensor(gc.hex_to_rgb(KEY))
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    cases = {
+        "off centre": ((xx - 7) ** 2 + (yy - 8) ** 2) <= 16,
+        "touching the border": (xx < 10) & (yy > 5) & (yy < 25),
+        "thin tall": (xx >= 26) & (xx <= 27) & (yy > 1) & (yy < 30),
+        "two objects": (((xx - 8) ** 2 + (yy - 20) ** 2) <= 20) | ((xx > 20) & (yy < 10)),
+    }
+    for name, mask in cases.items():
+        bg = gc.follow_background(_scene(mask), key)[0]
+        assert bg.shape == mask.shape
+        assert float(bg[mask].max()) == 0.0, f"{name}: an object pixel was taken for background"
+        # the object is protected by a margin: its 3x3 mean, one pixel grown, one 3x3 fade
+        grown = torch.nn.functional.max_pool2d(mask[None, None].float(), 7, stride=1, padding=3)[0, 0] > 0
+        assert float(bg[~grown].min()) == 1.0, f"{name}: backing away from the object was not found"
+    # No object: everything is backing, even with pixel noise on it.
+    noisy = _scene(torch.zeros(32, 32, dtype=torch.bool)) + 0.05 * torch.randn(1, 3, 32, 32,
+                                                                             generator=torch.Generator().manual_seed(0))
+    assert float(gc.follow_background(noisy, key).min()) > 0.99
+    with pytest.raises(ValueError, match="image latents"):
+        gc.follow_background(torch.zeros(1, 4, 2, 8, 8), key)
+
+
+def test_follow_guide_leaves_object_and_pulls_backing():
+    key = torch.tensor(gc.hex_to_rgb(KEY))
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:9, 9:15] = True
+    den = _scene(mask)
+    guide = gc.GreenCanvasGuide(key, 1.0, 0.5, None, gc.CanvasMode.FOLLOW)
+    out = guide({"denoised": den, "sigma": torch.tensor([1.0])})
+    assert torch.equal(out[0][:, mask], den[0][:, mask]), "object pixels are never pulled"
+    assert torch.allclose(out[0, :, 0, 0], key), "the backing far from the object becomes the key colour"
+    assert torch.equal(guide({"denoised": den, "sigma": torch.tensor([0.4])}), den), "after end: model's own"
+    with pytest.raises(ValueError, match="needs a region"):
+        gc.GreenCanvasGuide(key, 1.0, 0.5, None, gc.CanvasMode.ELLIPSE)
+
+
+def test_oracle_follow_meets_targets_on_two_placements():
+    """The oracle benchmark's mechanism, two placements (the bench runs all of them)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    import green_canvas_oracle as O
+
+    table = O.sd1_sigmas_table()
+    sigmas = O.karras(float(table[0]), float(table[-1]), O.STEPS)
+    for name in ("thin tall", "touching border"):
+        mu01, mask = O.picture(O.placements()[name])
+        bg, obj = O.measure(O.FOLLOW, table, sigmas, mu01, mask)
+        assert bg <= 0.05 and obj <= 0.02, (name, bg, obj)
+        ebg, eobj = O.measure(O.ELLIPSE_FULL, table, sigmas, mu01, mask)
+        assert eobj > 0.1, f"{name}: the fixed ellipse guided to the end paints over the object ({eobj})"
+
+
+def test_flux_16_channel_latents(comfy_host):
+    """Flux's latent space (16 channels, its own shift and scale): the key colour's latent through a real
+    16-channel KL VAE of ComfyUI's classes and Flux's latent format, then the follow guide on 16 channels."""
+    from types import SimpleNamespace
+
+    import comfy.latent_formats
+    import comfy.sd
+    from matting_fixtures import kl_ddconfig, random_vae_state_dict
+    from diffumatting.nodes import generate as G
+
+    dd = {**kl_ddconfig(ch=32, ch_mult=(1, 2, 2, 2)), "z_channels": 16}
+    vae = comfy.sd.VAE(sd=random_vae_state_dict(dd, seed=3), config={"params": {"ddconfig": dd, "embed_dim": 16}})
+    flux = comfy.latent_formats.Flux()
+    key = G.key_colour_latent(vae, SimpleNamespace(model=SimpleNamespace(process_latent_in=flux.process_in)),
+                              gc.hex_to_rgb(KEY))
+    assert key.shape == (16,) and torch.isfinite(key).all()
+    den = key.view(1, 16, 1, 1).repeat(1, 1, 16, 16) + 0.3  # a backing off the key colour
+    den[:, :, 4:12, 5:9] = -2.0  # the object
+    out = gc.GreenCanvasGuide(key, 1.0, 0.0, None, gc.CanvasMode.FOLLOW)({"denoised": den,
+                                                                          "sigma": torch.tensor([1.0])})
+    assert torch.equal(out[:, :, 4:12, 5:9], den[:, :, 4:12, 5:9])
+    assert torch.allclose(out[0, :, 0, 0], key, atol=1e-6)
+    with pytest.raises(ValueError, match="16 channels"):
+        gc.guide_denoised(den[:, :4], key, torch.ones(16, 16), 1.0)

@@ -137,6 +137,22 @@ def test_green_protection_scales_only_cross_attention(tiny, lora_folder):
         assert torch.allclose(half[k] - base[k], 0.5 * (full[k] - base[k]), atol=1e-5)
 
 
+def test_row_opt_out_is_never_damped(tiny, lora_folder):
+    model, clip = tiny["model"], tiny["clip"]
+    full = _weights(_run(model, clip, lora_1=LORAS[0], lora_2=LORAS[1])[0])
+    opted = _weights(_run(model, clip, green_protection=1.0, lora_1=LORAS[0], protect_1=False,
+                          lora_2=LORAS[1])[0])
+    only_b_full = _weights(_run(model, clip, lora_1=LORAS[1])[0])
+    only_b_protected = _weights(_run(model, clip, green_protection=1.0, lora_1=LORAS[1])[0])
+    cross = [k for k in full if ".attn2." in k and k.endswith("weight")]
+    base = _weights(model)
+    # Row 1 (opted out) keeps its whole attn2 delta; row 2's attn2 delta is removed.
+    for k in cross:
+        expect = full[k] - (only_b_full[k] - base[k]) + (only_b_protected[k] - base[k])
+        assert torch.allclose(opted[k], expect, atol=1e-4), k
+    assert any(not torch.equal(opted[k], base[k]) for k in cross)
+
+
 def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     """Measured on the tiny model with the green canvas on: the background's distance to the key colour
     latent, averaged over seeds and both LoRAs, is smaller with protection than without."""
@@ -144,14 +160,14 @@ def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     from diffumatting.nodes import generate as G
 
     model, clip, vae = tiny["model"], tiny["clip"], tiny["vae"]
-    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION)
+    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION, "fixed ellipse")
     key = G.key_colour_latent(vae, model, (0.0, 0xb1 / 255, 0x40 / 255))
     dist = {0.0: [], 1.0: []}
     for seed in range(3):
         for name in LORAS:
             for p in dist:
-                styled = _run(canvas, clip, green_protection=p, lora_1=name)[0]
-                dist[p].append(background_distance(sample_latent(styled, clip, seed), key, G_REGION)[0])
+                styled, styled_clip = _run(canvas, clip, green_protection=p, lora_1=name)[:2]
+                dist[p].append(background_distance(sample_latent(styled, styled_clip, seed), key, G_REGION)[0])
     mean = {p: sum(v) / len(v) for p, v in dist.items()}
     assert mean[1.0] < 0.97 * mean[0.0], mean
 

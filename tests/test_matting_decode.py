@@ -328,9 +328,10 @@ def test_txt2img_matting_workflow_alpha_is_the_nodes(comfy_server, server_models
     from diffumatting.models.matting_head import load_head
     from diffumatting.nodes import matting
     from PIL import Image
+    from fixtures_host import shrink_for_tiny
 
     assert server_models["matting_head"] == TINY_HEAD_NAME
-    workflow = json.loads((ROOT / "workflows" / "txt2img_matting.json").read_text())
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_sd15_diffumatting.json").read_text()))
     sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
     decode = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingVAEDecode")
     link_id = max(link[0] for link in workflow["links"]) + 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,84 @@ def test_every_node_documents_its_sockets(pack_node_ids, object_info):
     assert not problems, "\n".join(problems)
 
 
+def test_no_workflow_names_a_fixture_and_every_widget_list_matches(object_info):
+    from fixtures_host import FIXTURE_NAMES
+
+    assert {p.stem for p in WORKFLOWS} >= {"transparent_sd15", "transparent_sd15_diffumatting", "transparent_sdxl",
+                                            "transparent_flux", "key_green_screen"}
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        values = [v for n in workflow["nodes"] for v in (n.get("widgets_values") or [])]
+        named = [v for v in values if isinstance(v, str) and (v in FIXTURE_NAMES or "tiny" in v.lower())]
+        assert not named, f"{path.name} names test fixtures: {named}"
+        ui_to_api(workflow, object_info, missing_files_ok=True)  # refuses widget lists that do not match a node
+        if path.stem.startswith("transparent_"):
+            notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+            assert len(notes) == 1 and "ComfyUI/models/" in notes[0], f"{path.name}: a Note says which files, where"
+            needs = "NEEDS DiffuMatting weights" in notes[0]
+            has_dm = any(n["type"] in ("DiffuMattingUNetLoader", "DiffuMattingHeadLoader") for n in workflow["nodes"])
+            assert needs == has_dm, f"{path.name}: the note must say whether DiffuMatting weights are needed"
+            sizes = [n["widgets_values"][:2] for n in workflow["nodes"] if n["type"].startswith("Empty")]
+            steps = [n["widgets_values"][2] for n in workflow["nodes"] if n["type"] == "KSampler"]
+            assert sizes and all(s in ([512, 512], [1024, 1024]) for s in sizes), (path.name, sizes)
+            assert steps and all(s >= 20 for s in steps), (path.name, steps)
+
+
+def test_client_refuses_widgets_that_do_not_match(object_info):
+    workflow = json.loads((ROOT / "workflows" / "key_green_screen.json").read_text())
+    post = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingGreenPost")
+    post["widgets_values"].append("full")  # a stale value for an option the node no longer has
+    with pytest.raises(WorkflowError, match=r"DiffuMattingGreenPost\) has 7 widget values .* take 6"):
+        ui_to_api(workflow, object_info)
+    post["widgets_values"] = post["widgets_values"][:6]
+    post["widgets_values"][0] = "sideways"
+    with pytest.raises(WorkflowError, match="key_mode='sideways' is not one of its options"):
+        ui_to_api(workflow, object_info)
+    post["widgets_values"][0] = "auto"
+    post["widgets_values"][2] = "strong"
+    with pytest.raises(WorkflowError, match="spill_strength='strong' is not a FLOAT"):
+        ui_to_api(workflow, object_info)
+
+
+def test_missing_model_file_names_the_file_and_its_folder(comfy_server, object_info):
+    """What the page shows when a file is missing: the server's answer to the queued prompt."""
+    from fixtures_host import shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_sd15_diffumatting.json").read_text()))
+    unet = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingUNetLoader")
+    head = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingHeadLoader")
+
+    def server_error(w) -> str:
+        with pytest.raises(WorkflowError) as err:
+            comfy_server.post("/prompt", {"prompt": ui_to_api(w, object_info, missing_files_ok=True)})
+        return str(err.value)
+
+    unet["widgets_values"][0] = "my_unet.safetensors"
+    assert "'my_unet.safetensors' not found in models/diffumatting" in server_error(workflow)
+    unet["widgets_values"][0] = "diffumatting_unet_sd15.safetensors"
+    head["widgets_values"][0] = "my_head.safetensors"
+    assert re.search(r"'my_head.safetensors' not found in .*diffumatting", server_error(workflow))
+    # Core's loaders name the file (their folder is in the workflow's note).
+    ckpt = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    head["widgets_values"][0] = "diffumatting_head_sd15.safetensors"
+    ckpt["widgets_values"][0] = "my_checkpoint.safetensors"
+    assert "my_checkpoint.safetensors" in server_error(workflow)
+    # The client itself names a missing file before queueing.
+    with pytest.raises(WorkflowError, match="'my_checkpoint.safetensors': this server has no such model file"):
+        ui_to_api(workflow, object_info)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_workflow_runs_and_writes_rgba_png(comfy_server, path):
-    workflow = json.loads(path.read_text())
+def test_workflow_runs_and_writes_rgba_png(comfy_server, server_models, object_info, path):
+    """Each shipped workflow as an artist runs it (public names mapped to the family's tiny fixture, a LoRA
+    in the stack's first row, small size and few steps)."""
+    from fixtures_host import NO_FIXTURE, shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads(path.read_text()), server_models["workflow_loras"].get(path.stem))
+    if path.stem in NO_FIXTURE:
+        with pytest.raises(WorkflowError, match=re.escape(NO_FIXTURE[path.stem])):
+            comfy_server.post("/prompt", {"prompt": ui_to_api(workflow, object_info, missing_files_ok=True)})
+        return
     entry = comfy_server.run_workflow(workflow, timeout=600)
     files = comfy_server.output_files(entry)
     assert files, f"{path.name} wrote no file to the output folder"

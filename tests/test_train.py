@@ -204,15 +204,17 @@ def test_refused_resume_bad_log_row_and_nan_loss_keep_the_run_resumable(straight
     assert strip(read_log(out)) == strip(read_log(straight_run))
 
 
-def test_weak_spots_give_one_clear_line(straight_run, tiny_ckpt, cache_dir, tmp_path):
+def test_weak_spots_give_one_clear_line(tiny_ckpt, cache_dir, tmp_path):
     out = tmp_path / "w"
+    (tmp_path / "not_a_checkpoint").mkdir()
+    (tmp_path / "not_a_checkpoint" / "notes.txt").write_text("x")
     base = small_args(tiny_ckpt, cache_dir, out, "--mode", "lora", "--unet-steps", "2", "--stages", "unet")
     cases = [
         (["--seed", "-3"], "run.seed must be >= 0 and <= 4294967295, got -3"),
         (["--set", "unet.lr=inf"], "unet.lr is inf"),
         (["--set", "loss.green=nan"], "loss.green is nan"),
         (["--resume", str(tmp_path / "no_such_checkpoint")], "no such checkpoint folder"),
-        (["--resume", str(straight_run)], "is not a trainer checkpoint"),
+        (["--resume", str(tmp_path / "not_a_checkpoint")], "is not a trainer checkpoint"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "no CUDA GPU that torch can use"))

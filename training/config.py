@@ -467,6 +467,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> TrainConfig:
     """Check values; raises ConfigError listing every problem with its fix."""
     p = check_declared(cfg)
     p += _check_relations(cfg, world_size)
+    if len(p) == 1:
+        raise ConfigError(f"invalid training configuration: {p[0]}")
     if p:
         raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(p))
     return cfg

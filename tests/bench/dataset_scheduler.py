@@ -1,6 +1,6 @@
 """Dataset factory on real ComfyUI servers (tiny test model, built now; CPU):
 
-1. Scheduler overhead per sample: the same adapted workflow (workflows/generate_green_canvas.json, the
+1. Scheduler overhead per sample: the same adapted workflow (workflows/transparent_sd15.json, the
    dataset's two 16-bit saves) on ONE server, (a) queued by hand through the API (POST /prompt, wait for
    the websocket's end message, GET /history, GET /view of both files; one sample at a time) and (b)
    through factory.scheduler.Scheduler with depth 1 (also one at a time) and a no-op commit. Rounds
@@ -51,7 +51,7 @@ from diffumatting.factory.run import RunConfig, run_dataset  # noqa: E402
 from diffumatting.factory.scheduler import Scheduler, Server, fetch_object_info, server_exec_seconds  # noqa: E402,E501
 from diffumatting.factory.workflow import job_prompt, plan_workflow  # noqa: E402
 
-WORKFLOW = ROOT / "workflows" / "generate_green_canvas.json"
+WORKFLOW = ROOT / "workflows" / "transparent_sd15.json"
 
 
 async def hand_run(url: str, prompts: list[dict], roles: dict) -> list[float]:
@@ -115,7 +115,9 @@ def sched_run(server: Server, plan, jobs, depth: int) -> list[float]:
 
 
 def one_step_workflow() -> dict:
-    wf = json.loads(WORKFLOW.read_text())
+    from diffumatting.factory.demo import tiny_workflow
+
+    wf = tiny_workflow(json.loads(WORKFLOW.read_text()))
     for node in wf["nodes"]:
         if node["type"] == "KSampler":
             node["widgets_values"][2] = 1

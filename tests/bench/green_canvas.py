@@ -53,7 +53,7 @@ def main() -> int:
     bg_off, in_off = statistics.mean(d[0] for d in off), statistics.mean(d[1] for d in off)
     print(f"  off                      bg {bg_off:7.2f}  centre {in_off:7.2f}")
     for strength, end in ((0.5, 0.35), (0.8, 0.35), (1.0, 0.35), (0.8, 0.6)):
-        on_model = G.green_canvas_model(model, vae, KEY, strength, end, REGION)
+        on_model = G.green_canvas_model(model, vae, KEY, strength, end, REGION, "fixed ellipse")
         on = [background_distance(sample_latent(on_model, clip, s), key, REGION) for s in SEEDS]
         bg, cen = statistics.mean(d[0] for d in on), statistics.mean(d[1] for d in on)
         print(f"  strength {strength:.1f} end {end:.2f}  bg {bg:7.2f} (x{bg / bg_off:.2f})  centre {cen:7.2f} "
@@ -65,7 +65,7 @@ def main() -> int:
     for i in range(2):
         names.append(write_random_lora(loras / f"style{i}.safetensors", seed=21 + i).name)
     folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
-    canvas = G.green_canvas_model(model, vae, KEY, 0.8, 0.35, REGION)
+    canvas = G.green_canvas_model(model, vae, KEY, 0.8, 0.35, REGION, "fixed ellipse")
     plain = {s: sample_latent(canvas, clip, s) for s in SEEDS}
     no_lora_bg = statistics.mean(background_distance(plain[s], key, REGION)[0] for s in SEEDS)
     print(f"  no LoRA                  bg {no_lora_bg:7.2f}")
@@ -73,9 +73,10 @@ def main() -> int:
     for p in (0.0, 0.5, 1.0):
         bgs, centre_change = [], []
         for name in names:
-            styled = LoraStack.execute(canvas, clip, None, False, p, lora_1=name).result[0]
+            # Both halves of the LoRA: the patched MODEL and the patched CLIP that encodes the prompt.
+            styled, styled_clip = LoraStack.execute(canvas, clip, None, False, p, lora_1=name).result[:2]
             for s in SEEDS:
-                lat = sample_latent(styled, clip, s)
+                lat = sample_latent(styled, styled_clip, s)
                 bgs.append(background_distance(lat, key, REGION)[0])
                 fg = background_weight(*lat.shape[-2:], **REGION) <= 0.5
                 centre_change.append(float((lat - plain[s]).pow(2).sum(1).sqrt()[0][fg].mean()))

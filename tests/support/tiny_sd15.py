@@ -64,16 +64,18 @@ def _kohya_name_map() -> dict[str, tuple[str, torch.Size]]:
 
 
 def random_kohya_lora(seed: int, rank: int = 4, alpha: float = 4.0, scale: float = 0.5,
-                      unet: bool = True, text_encoder: bool = True) -> dict[str, torch.Tensor]:
+                      unet: bool = True, text_encoder: bool = True,
+                      name_map: dict[str, tuple[str, torch.Size]] | None = None) -> dict[str, torch.Tensor]:
     """A seeded random kohya-format LoRA (lora_down/lora_up/alpha) for the tiny checkpoint.
 
     Covers every linear/conv weight of the tiny UNet (res blocks, self- and cross-attention, FF, proj)
     and the CLIP-L attention/MLP weights; `scale` sets the delta's size relative to fan-in scaled weights.
+    `name_map` (kohya module name -> (weight key, shape)) targets another model (tests/support/tiny_families).
     """
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, (_, shape) in sorted(_kohya_name_map().items()):
-        if name.startswith("lora_unet_") and not unet or name.startswith("lora_te_") and not text_encoder:
+    for name, (_, shape) in sorted((name_map if name_map is not None else _kohya_name_map()).items()):
+        if name.startswith("lora_unet_") and not unet or name.startswith("lora_te") and not text_encoder:
             continue
         out_f, in_f = int(shape[0]), int(shape[1])
         if len(shape) == 4:

@@ -1,0 +1,65 @@
+"""Model families in the real ComfyUI server: the tiny SDXL fixture is what ComfyUI's detection calls SDXL
+(its workflow, with every generation node and a LoRA, runs in test_server.py), and a matting head trained
+for another VAE family is refused."""
+from __future__ import annotations
+
+import pytest
+
+from comfy_client import WorkflowError
+
+pytestmark = pytest.mark.server
+SDXL = "sd_xl_base_1.0.safetensors"
+
+
+def test_sdxl_fixture_is_detected_as_sdxl(comfy_server):
+    from support.tiny_families import detected_model_class
+
+    assert detected_model_class(comfy_server.base / "models" / "checkpoints" / SDXL) == "SDXL"
+
+
+def _run(server, prompt) -> list:
+    answer = server.post("/prompt", {"prompt": prompt})
+    entry = server.wait(answer["prompt_id"], timeout=900)
+    return server.output_files(entry)
+
+
+def test_head_for_another_vae_family_is_refused(comfy_server, server_models):
+    prompt = {"1": {"class_type": "DiffuMattingHeadLoader",
+                    "inputs": {"head_name": server_models["matting_head"], "vae_family": "sdxl"}},
+              "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL}},
+              "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "4": {"class_type": "DiffuMattingVAEDecode",
+                    "inputs": {"samples": ["3", 0], "vae": ["2", 2], "head": ["1", 0], "refine_with_greenpost": False,
+                               "tiling": "auto", "tile_size": 512, "tile_overlap": 64}},
+              "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}}}
+    with pytest.raises(WorkflowError, match=r"trained for the SD1\.x/SD2 KL-f8 VAE .* used with the SDXL KL-f8 VAE"):
+        _run(comfy_server, prompt)
+
+
+def test_demo_picks_the_workflow_by_detected_family(comfy_server):
+    """`make demo MODEL=...`: ComfyUI's detection on the file's shapes picks the family's workflow."""
+    import sys
+
+    import torch
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import comfy.ops
+    import demo
+    from comfy.ldm.flux.model import Flux
+
+    ckpts = comfy_server.base / "models" / "checkpoints"
+    assert demo.detect_family(ckpts / "v1-5-pruned-emaonly.safetensors") == ("sd15", "SD15")
+    assert demo.detect_family(ckpts / SDXL) == ("sdxl", "SDXL")
+    # Flux.1 [dev]'s layout (one double and one single block), built by core's own class without weights.
+    with torch.device("meta"):
+        flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1,
+                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                    device="meta", operations=comfy.ops.disable_weight_init)
+    shapes = {k: demo._Shape(v.shape) for k, v in flux.state_dict().items()}
+    assert demo.family_of_shapes(shapes, "flux1-dev.safetensors") == ("flux", "Flux")
+    with pytest.raises(WorkflowError, match="detected as unknown"):
+        demo.detect_family(comfy_server.base / "models" / "diffumatting" / "diffumatting_head_sd15.safetensors")
+    assert {w for w, _, _ in demo.FAMILY_WORKFLOWS.values()} <= {p.name for p in (ROOT / "workflows").iterdir()}
