@@ -100,8 +100,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None):
     _prepare_folder(target.parent)
     fd, tmp = _create_temp(target, suffix or target.suffix or ".tmp")
     os.close(fd)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)      # writers that recreate the file (safetensors' save_file: 0600) get the mode back
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

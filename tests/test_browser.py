@@ -95,10 +95,18 @@ def test_workflow_in_page(page, comfy_server, server_models, artifacts_dir, path
     files = comfy_server.output_files(entry)
     assert files and all(f.is_file() for f in files), f"{path.name}: no output written from the page"
 
-    # Let the page receive the results and draw the previews, then keep a screenshot.
-    page.wait_for_timeout(1500)
-    page.evaluate("() => window.app.canvas.setDirty(true, true)")
-    page.wait_for_timeout(500)
+    # Bring each of this workflow's preview nodes into view (the canvas loads and draws visible nodes only),
+    # wait for its images and its checkerboard, then keep a screenshot.
+    expected = [str(n["id"]) for n in workflow["nodes"] if n["type"] in PREVIEW_TYPES]
+    for node_id in expected:
+        page.evaluate("(id) => { const n = window.app.graph.getNodeById(Number(id)); window.app.canvas.centerOnNode(n);"
+                      " window.app.canvas.setDirty(true, true); }", node_id)
+        page.wait_for_function("(id) => { const n = window.app.graph.getNodeById(Number(id)); "
+                               "return n?.imgs?.length && n.imgs.every(i => i.complete && i.naturalWidth); }",
+                               arg=node_id, timeout=120_000)
+        page.evaluate("() => window.app.canvas.setDirty(true, true)")
+        page.wait_for_function(f"(id) => {EXTENSION}.drawnNodes.has(id)", arg=node_id, timeout=30_000)
+    page.wait_for_timeout(300)
     shot = artifacts_dir / f"browser_{path.stem}.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
@@ -106,7 +114,6 @@ def test_workflow_in_page(page, comfy_server, server_models, artifacts_dir, path
     previewed = page.evaluate("(types) => window.app.graph._nodes.filter(n => types.includes(n.type) && "
                               "n.imgs?.length).map(n => String(n.id))", list(PREVIEW_TYPES))
     drawn = page.evaluate(f"() => Array.from({EXTENSION}.drawnNodes)")
-    expected = [str(n["id"]) for n in workflow["nodes"] if n["type"] in PREVIEW_TYPES]
     assert sorted(previewed) == sorted(expected), f"{path.name}: previews shown {previewed}, nodes {expected}"
     assert sorted(drawn) == sorted(expected), f"{path.name}: checkerboard drawn under {drawn}, expected {expected}"
     assert not page.page_errors, f"errors in the page: {page.page_errors}"
