@@ -27,6 +27,44 @@ def test_shipped_default_toml_is_the_derived_one():
     assert config.apply_dict(config.TrainConfig(), data, "default.toml").to_dict() == config.TrainConfig().to_dict()
 
 
+_PY310_TOML = """
+import json, sys
+for name in sys.argv[2:]:
+    sys.modules[name] = None  # as on Python 3.10, where the stdlib has no tomllib
+sys.path.append(sys.argv[1])
+import _package
+_package.register()
+from diffumatting.training import config
+data = config.load_toml(config.CONFIG_DIR / "default.toml")
+cfg = config.apply_dict(config.TrainConfig(), data, "default.toml")
+config.apply_dict(cfg, {"loss": {"green_factors": "[4, 8]"}}, "--set")
+print(json.dumps({"parser": config.tomllib.__name__, "cfg": cfg.to_dict()}))
+"""
+
+
+def _config_without(*modules: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _PY310_TOML, str(ROOT), *modules], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_config_reads_toml_without_tomllib():
+    """Python 3.10 (ComfyUI's minimum) has no tomllib: the trainer reads its configs with tomli, to the same
+    values; without tomli either, importing the config is one error naming the package and the fix."""
+    res = _config_without("tomllib")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    expected = config.apply_dict(config.TrainConfig(), config.load_toml(ROOT / "configs" / "default.toml"), "d")
+    config.apply_dict(expected, {"loss": {"green_factors": "[4, 8]"}}, "--set")
+    assert out["parser"] == "tomli" and config.tomllib.__name__ == "tomllib"
+    assert out["cfg"] == json.loads(json.dumps(expected.to_dict())) and out["cfg"]["loss"]["green_factors"] == [4, 8]
+    res = _config_without("tomllib", "tomli")
+    assert res.returncode != 0
+    assert "ImportError: the trainer reads TOML configs: on Python 3.10 it needs the `tomli` package" in res.stderr
+
+
 def test_every_choice_is_declared_and_validated():
     specs = config.spec_map()
     assert specs["run.mixed_precision"].choices == ("auto", "no", "fp16", "bf16")
