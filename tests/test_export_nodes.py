@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.export_output import export_nodes_in
 
 
 @pytest.fixture()
 def export_nodes(comfy_host, tmp_path, monkeypatch):
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    from diffumatting.nodes import export as export_nodes
-
-    return export_nodes, out
+    """(nodes.export, output folder) with ComfyUI's output directory in tmp_path."""
+    return export_nodes_in(tmp_path, monkeypatch)
 
 
 def test_save_batch_straight_alpha_and_counter(export_nodes):
@@ -125,3 +120,4 @@ def test_join_split_nodes_interoperate_with_core(export_nodes):
     torch.testing.assert_close(alpha2, alpha)
     with pytest.raises(ValueError, match="needs `alpha`"):
         nodes.JoinAlpha.execute(rgb)
+
