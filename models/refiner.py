@@ -18,7 +18,6 @@ Pickles, other kinds of file, newer formats and tensors that do not fit the conf
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -284,27 +283,14 @@ def load_refiner(path=SHIPPED) -> Refiner:
     files, files that are not GreenPost refiners, newer formats and tensors that do not fit the config."""
     from safetensors.torch import load_file
 
-    from .matting_head import PICKLE_SUFFIXES, _read_safetensors_header
+    from .model_files import read_self_describing
 
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"{path.name}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and "
-                         f"are refused; GreenPost refiners load from .safetensors only")
-    if not path.is_file():
-        raise ValueError(f"GreenPost refiner file {os.fspath(path)!r} does not exist; reinstall the pack (the "
-                         f"shipped weights are models/weights/greenpost_refiner.safetensors) or use refiner 'off'")
-    header = _read_safetensors_header(path)
-    meta = header.get("__metadata__") or {}
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{path.name} is not a GreenPost refiner (its metadata kind is {meta.get('kind')!r}, "
-                         f"expected {KIND!r}); train one with train_refiner.py")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise ValueError(f"{path.name}: format_version {meta.get('format_version')!r} is not a number") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path.name} has refiner format version {version}; this pack reads up to "
-                         f"{FORMAT_VERSION}: update comfyui-diffumatting")
+    _, meta, _ = read_self_describing(
+        path, kind=KIND, format_version=FORMAT_VERSION, what="GreenPost refiner",
+        wrong_kind_hint="train one with train_refiner.py", save_hint="save refiners with save_refiner (safetensors)",
+        missing_hint="reinstall the pack (the shipped weights are models/weights/greenpost_refiner.safetensors) or "
+                     "use refiner 'off'")
     config = RefinerConfig.from_json(meta.get("config", ""))
     model = Refiner(config)
     tensors = load_file(str(path))
