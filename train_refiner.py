@@ -31,31 +31,45 @@ CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated ima
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffumatting.models.cli_args import int_list, number
+
+    def whole(flag, lo, hi):
+        return number(flag, lo, hi, kind=int)
+
     p = argparse.ArgumentParser(prog="train_refiner.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=HERE / "models" / "weights" / "greenpost_refiner.safetensors",
                    help="where to write the trained weights (.safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data pool, the initial weights and batches")
+    p.add_argument("--seed", type=whole("--seed", 0, 2 ** 31 - 1), default=0,
+                   help="seed of the data pool, the initial weights and batches")
     p.add_argument("--data", choices=DATA_SOURCES, default=DATA_SOURCES[-1],
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=int, default=1200, help="composites in the training pool")
-    p.add_argument("--val-images", type=int, default=40, help="held-out composites (other seeds) for the report")
-    p.add_argument("--size-min", type=int, default=128, help="smallest composite side in pixels")
-    p.add_argument("--size-max", type=int, default=320, help="largest composite side in pixels")
-    p.add_argument("--pixels-per-image", type=int, default=900, help="band pixels sampled from each composite")
-    p.add_argument("--steps", type=int, default=12000, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=2048, help="pixels per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 5%% of it)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--hidden", default="48,24", help="MLP hidden layer widths, comma-separated")
-    p.add_argument("--radius", type=int, default=1, help="fine neighbourhood radius in pixels (0..8)")
-    p.add_argument("--band-radius", type=int, default=1, help="dilation of the uncertain band in pixels (0..8)")
-    p.add_argument("--context", default="4,16", help="pooling factors of the context levels, comma-separated "
-                                                  "(each 2, 4, 8, 16, 32 or 64), e.g. 4,16")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (fixed for reproducibility)")
-    p.add_argument("--save-every", type=int, default=2000, help="write a resume checkpoint every N steps")
+    p.add_argument("--images", type=whole("--images", 1, 100000), default=1200, help="composites in the training pool")
+    p.add_argument("--val-images", type=whole("--val-images", 0, 10000), default=40,
+                   help="held-out composites (other seeds) for the report")
+    p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=128, help="smallest composite side in pixels")
+    p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=320, help="largest composite side in pixels")
+    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=900,
+                   help="band pixels sampled from each composite")
+    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=12000, help="optimiser steps")
+    p.add_argument("--batch", type=whole("--batch", 1, 1_000_000), default=2048, help="pixels per step")
+    p.add_argument("--lr", type=number("--lr", 0, 1, lo_open=True, example=3e-3), default=3e-3,
+                   help="peak learning rate (cosine decay to 5%% of it)")
+    p.add_argument("--weight-decay", type=number("--weight-decay", 0, 1), default=1e-4, help="AdamW weight decay")
+    p.add_argument("--hidden", type=int_list("--hidden", "48,24"), default=(48, 24),
+                   help="MLP hidden layer widths, comma-separated")
+    p.add_argument("--radius", type=whole("--radius", 0, 8), default=1,
+                   help="fine neighbourhood radius in pixels (0..8)")
+    p.add_argument("--band-radius", type=whole("--band-radius", 0, 8), default=1,
+                   help="dilation of the uncertain band in pixels (0..8)")
+    p.add_argument("--context", type=int_list("--context", "4,16"), default=(4, 16),
+                   help="pooling factors of the context levels, comma-separated (each 2, 4, 8, 16, 32 or 64)")
+    p.add_argument("--threads", type=whole("--threads", 1, 256), default=2,
+                   help="CPU threads for torch (fixed for reproducibility)")
+    p.add_argument("--save-every", type=whole("--save-every", 1, 10_000_000), default=2000,
+                   help="write a resume checkpoint every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT's resume checkpoint (<out>.resume.safetensors) if it exists")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -69,29 +83,8 @@ def parse_args(argv):
         p.error(f"--out {a.out}: the weights are written as .safetensors; give a path ending in .safetensors")
     if a.out.exists() and a.out.is_dir():
         p.error(f"--out {a.out} is a folder; give a file path ending in .safetensors")
-    checks = [("--images", a.images, 1, 100000), ("--val-images", a.val_images, 0, 10000),
-              ("--size-min", a.size_min, 32, 4096), ("--size-max", a.size_max, 32, 4096),
-              ("--pixels-per-image", a.pixels_per_image, 1, 1_000_000), ("--steps", a.steps, 1, 10_000_000),
-              ("--batch", a.batch, 1, 1_000_000), ("--threads", a.threads, 1, 256),
-              ("--save-every", a.save_every, 1, 10_000_000), ("--radius", a.radius, 0, 8),
-              ("--band-radius", a.band_radius, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
-    for name, v, lo, hi in checks:
-        if not lo <= v <= hi:
-            p.error(f"{name} {v} is outside {lo}..{hi}; give a value in that range")
     if a.size_min > a.size_max:
         p.error(f"--size-min {a.size_min} is above --size-max {a.size_max}; swap them")
-    if not 0 < a.lr <= 1:
-        p.error(f"--lr {a.lr} must be in (0, 1]; try 3e-3")
-    if not 0 <= a.weight_decay <= 1:
-        p.error(f"--weight-decay {a.weight_decay} must be in [0, 1]")
-    try:
-        a.hidden = tuple(int(v) for v in a.hidden.split(",") if v.strip())
-    except ValueError:
-        p.error(f"--hidden {a.hidden!r}: expected comma-separated integers, e.g. 48,24")
-    try:
-        a.context = tuple(int(v) for v in a.context.split(",") if v.strip())
-    except ValueError:
-        p.error(f"--context {a.context!r}: expected comma-separated integers, e.g. 4,16")
     from diffumatting.models.refiner import RefinerConfig
 
     try:

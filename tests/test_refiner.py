@@ -209,7 +209,7 @@ def test_two_step_training_is_deterministic(tmp_path):
     (["--steps", "0"], "--steps 0 is outside"),
     (["--out", "w.pt"], "ending in .safetensors"),
     (["--size-min", "300", "--size-max", "100"], "above --size-max"),
-    (["--lr", "0"], "--lr 0.0 must be in"),
+    (["--lr", "0"], "--lr 0 is outside (0, 1]"),
     (["--hidden", "a,b"], "comma-separated integers"),
     (["--radius", "9"], "--radius 9 is outside"),
     (["--data", "shared"], "invalid choice: 'shared'"),
