@@ -45,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=OPTION_DOCS["clip_black"] + " Default 0.")
     p.add_argument("--clip-white", type=unit("--clip-white"), default=1.0, metavar="0..1",
                    help=OPTION_DOCS["clip_white"] + " Default 1.")
-    p.add_argument("--refiner", choices=[c.value for c in RefinerChoice], default=RefinerChoice.OFF.value,
-                   help=OPTION_DOCS["refiner"] + f" Default {RefinerChoice.OFF.value} (the classical key measures "
-                                                 f"better for now).")
+    p.add_argument("--refiner", choices=[c.value for c in RefinerChoice], default=RefinerChoice.SHIPPED.value,
+                   help=OPTION_DOCS["refiner"] + " Pass --refiner off for the classical key alone.")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTPUT_DIR/<stem>.png files (default: refuse to start if any exists)")
     p.add_argument("--max-megapixels", type=number("--max-megapixels", 0, lo_open=True, example=64), default=None, metavar="MP",

@@ -46,28 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=whole("--images", 1, 100000), default=1200, help="composites in the training pool")
+    p.add_argument("--images", type=whole("--images", 1, 100000), default=2400, help="composites in the training pool")
     p.add_argument("--val-images", type=whole("--val-images", 0, 10000), default=40,
                    help="held-out composites (other seeds) for the report")
     p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=128, help="smallest composite side in pixels")
     p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=320, help="largest composite side in pixels")
-    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=900,
+    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=500,
                    help="band pixels sampled from each composite")
-    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=12000, help="optimiser steps")
+    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=15000, help="optimiser steps")
     p.add_argument("--batch", type=whole("--batch", 1, 1_000_000), default=2048, help="pixels per step")
     p.add_argument("--lr", type=number("--lr", 0, 1, lo_open=True, example=3e-3), default=3e-3,
                    help="peak learning rate (cosine decay to 5%% of it)")
     p.add_argument("--weight-decay", type=number("--weight-decay", 0, 1), default=1e-4, help="AdamW weight decay")
-    p.add_argument("--hidden", type=int_list("--hidden", "48,24"), default=(48, 24),
+    p.add_argument("--hidden", type=int_list("--hidden", "64,32"), default=(64, 32),
                    help="MLP hidden layer widths, comma-separated")
     p.add_argument("--radius", type=whole("--radius", 0, 8), default=1,
                    help="fine neighbourhood radius in pixels (0..8)")
-    p.add_argument("--band-radius", type=whole("--band-radius", 0, 8), default=1,
-                   help="dilation of the uncertain band in pixels (0..8)")
     p.add_argument("--context", type=int_list("--context", "4,16"), default=(4, 16),
                    help="pooling factors of the context levels, comma-separated (each 2, 4, 8, 16, 32 or 64)")
-    p.add_argument("--threads", type=whole("--threads", 1, 256), default=2,
-                   help="CPU threads for torch (fixed for reproducibility)")
+    p.add_argument("--threads", type=whole("--threads", 1, 256), default=1,
+                   help="CPU threads for torch's training steps (fixed for reproducibility; one is fastest for "
+                        "this small network)")
+    p.add_argument("--workers", type=whole("--workers", 1, 64), default=2,
+                   help="processes that make and key the composites (one thread each; the pool is the same for "
+                        "any number)")
     p.add_argument("--save-every", type=whole("--save-every", 1, 10_000_000), default=2000,
                    help="write a resume checkpoint every N steps")
     p.add_argument("--resume", action="store_true",
@@ -88,7 +90,7 @@ def parse_args(argv):
     from diffumatting.models.refiner import RefinerConfig
 
     try:
-        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context)
+        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, context=a.context)
     except ValueError as e:
         p.error(str(e))
     return a
@@ -106,9 +108,7 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
         rng = np.random.default_rng([seed, 19])
         size = int(rng.integers(size_min, size_max + 1))
         d = make_sample(seed, size, camera_effects=bool(rng.random() >= CLEAN_FRACTION))
-        if int(np.argmax(np.median(d["backing"].reshape(-1, 3), 0))) != 1:
-            return None  # GreenPost keys green backings (the classical key does not see the others)
-        return d["image"], d["alpha"]
+        return d["image"], d["alpha"]  # green and blue backings: GreenPost detects either
 
     from diffumatting.models import synthetic as S
 
@@ -136,7 +136,7 @@ def sample_pixels(image, alpha_gt, config, n: int, seed: int):
     kf = key_fields(x, None, GreenPostOptions(refiner="off"))
     src = FeatureSource(image=x[None], backing=kf.backing, prior_fg=kf.prior_fg, alpha=kf.classical_alpha,
                         sig1_low=kf.sig1_low, noise_std=kf.noise_std)
-    idx = band_mask(src.alpha, config.band_radius).view(-1).nonzero().view(-1)
+    idx = band_mask(src.alpha).view(-1).nonzero().view(-1)
     if idx.numel() == 0:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -148,23 +148,40 @@ def sample_pixels(image, alpha_gt, config, n: int, seed: int):
     return f, y, f[:, alpha_column(config)].clone()
 
 
-def build_pool(args, seeds, n_per_image):
+def _pool_item(job):
+    """The sampled pixels of one composite (a worker's unit: a pure function of the job), or None."""
+    source, seed, size_min, size_max, config, n = job
+    comp = composite(source, seed, size_min, size_max)
+    return None if comp is None else sample_pixels(comp[0], comp[1], config, n, seed)
+
+
+def _worker_init() -> None:
     import torch
 
-    feats, ys, a0 = [], [], []
-    for s in seeds:
-        comp = composite(args.data, s, args.size_min, args.size_max)
-        if comp is None:
-            continue
-        image, alpha = comp
-        got = sample_pixels(image, alpha, args.config, n_per_image, s)
-        if got is not None:
-            feats.append(got[0])
-            ys.append(got[1])
-            a0.append(got[2])
-    if not feats:
+    _package.register()
+    torch.set_num_threads(1)  # one thread per worker: the same arithmetic as a single-process run
+
+
+def build_pool(args, seeds, n_per_image):
+    """Features, true alpha and classical alpha of the sampled band pixels of every composite, in seed order.
+    With --workers > 1 the composites are made and keyed by that many processes (one thread each); every
+    composite is a pure function of its seed, so the pool is the same for any number of workers."""
+    import torch
+
+    jobs = [(args.data, s, args.size_min, args.size_max, args.config, n_per_image) for s in seeds]
+    if args.workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as ex:
+            got = list(ex.map(_pool_item, jobs, chunksize=4))
+    else:
+        got = [_pool_item(j) for j in jobs]
+    got = [g for g in got if g is not None]
+    if not got:
         return None
-    return torch.cat(feats), torch.cat(ys), torch.cat(a0)
+    return tuple(torch.cat([g[i] for g in got]) for i in range(3))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -189,10 +206,23 @@ def _save_resume(path: Path, model, opt, step: int, args) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def data_version(source: str) -> str:
+    """Version of the composites a run trains on: the generator's module and its DATA_VERSION."""
+    if source == "procedural":
+        from diffumatting.training.refiner_data import DATA_VERSION
+
+        return f"training/refiner_data.py v{DATA_VERSION}"
+    return "models/synthetic.py (unversioned)"
+
+
 def _args_fingerprint(args) -> str:
-    keys = ("seed", "data", "images", "size_min", "size_max", "pixels_per_image", "steps", "batch", "lr",
-            "weight_decay", "hidden", "radius", "band_radius", "context")
-    return json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
+    """The training configuration (every setting that changes the weights), as JSON."""
+    keys = ("seed", "data", "images", "val_images", "size_min", "size_max", "pixels_per_image", "steps", "batch",
+            "lr", "weight_decay", "hidden", "radius", "context", "threads")
+    d = {k: getattr(args, k) for k in keys}
+    d["data_version"] = data_version(args.data)
+    d["clean_fraction"] = CLEAN_FRACTION
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _load_resume(path: Path, model, opt, args) -> int:
@@ -235,8 +265,8 @@ def train(args) -> dict:
     val_seeds = [args.seed * 1_000_003 + 500_000 + i for i in range(args.val_images)]
     pool = build_pool(args, train_seeds, args.pixels_per_image)
     if pool is None:
-        raise SystemExit(f"error: none of the {args.images} training composites had an uncertain band on a green "
-                         f"backing; raise --images")
+        raise SystemExit(f"error: none of the {args.images} training composites had an uncertain band; raise "
+                         f"--images")
     X, Y, A0 = pool
     t_data = time.perf_counter() - t0
     if not args.quiet:
@@ -283,6 +313,7 @@ def train(args) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["weights_sha256"] = weights_hash(model)
     save_refiner(args.out, model, extra_meta={"trained_on": f"{args.data} composites (project generator)",
+                                              "data_version": data_version(args.data),
                                               "train_args": _args_fingerprint(args),
                                               "report": json.dumps(report, sort_keys=True)})
     resume.unlink(missing_ok=True)

@@ -1,16 +1,18 @@
 """GreenPost's learned refinement: a small per-pixel network that corrects the classical alpha where it is
 uncertain.
 
-It reads, at each pixel of the uncertainty band, a 5 x 5 neighbourhood of the image's difference from the
-backing plate (I - B), the foreground prior's (F0 - B), the classical alpha and its separation scale, a
-3 x 3 neighbourhood of the same at coarser scales (context: 4x, and 16x if configured), and the measured
-noise level; an MLP
-predicts a correction of the classical alpha. The foreground is then unmixed again with the refined alpha
+It reads, at each pixel of the uncertainty band, a (2 radius + 1)^2 neighbourhood of the image's difference
+from the backing plate (I - B), the foreground prior's (F0 - B) and the classical alpha; the plate's colour
+and the alpha's separation scale there; a 3 x 3 neighbourhood of block averages at coarser scales (context:
+4x and 16x by default) of I - B, the classical alpha and the fractions of certainly opaque and certainly
+transparent pixels (how far the certain regions are); and the measured noise level. An MLP predicts a
+correction of the classical alpha (a residual). The foreground is then unmixed again with the refined alpha
 (models/greenpost.py).
 
-The band is where the classical alpha is strictly between 0 and 1, dilated by `band_radius` pixels. Outside
-it nothing changes; inside it the pixels are gathered and run in chunks, so time and memory scale with the
-band, not the image.
+Safe by design: the band is where the classical alpha is strictly between 0 and 1. Pixels the classical key
+marks certain (exactly 0 or exactly 1: clean backing, solid interiors) are never changed, so the refined
+matte keeps its exact 0 and 1 (8-bit output holds 0 and 255 there). Inside the band the pixels are gathered
+and run in chunks, so time and memory scale with the band, not the image.
 
 Files: safetensors with `kind`, `format_version` and the architecture `config` (JSON) in the metadata.
 Pickles, other kinds of file, newer formats and tensors that do not fit the config are refused.
@@ -26,14 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KIND = "diffumatting_greenpost_refiner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: band = the uncertain pixels only, plate colour and certain-region context features
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = WEIGHTS_DIR / "greenpost_refiner.safetensors"
 CHUNK = 65536  # band pixels per forward pass (bounds the memory at any image size)
 SMOOTH = 1     # corrections are box-averaged over the band pixels of a (2 SMOOTH + 1)^2 box (tune split)
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
-COARSE_CH = 4   # pooled I-B (3), pooled classical alpha
+COARSE_CH = 6   # pooled I-B (3), classical alpha, fraction of alpha == 1, fraction of alpha == 0
+CENTRE_CH = 4   # plate colour B (3), separation scale (centre pixel only)
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,11 @@ class RefinerConfig:
 
     radius: int = 1            # fine neighbourhood is (2r+1)^2 pixels
     ctx_radius: int = 1        # coarse neighbourhood is (2c+1)^2 cells
-    hidden: tuple[int, ...] = (48, 24)
-    band_radius: int = 1       # dilation of the uncertain pixels
-    context: tuple[int, ...] = (4,)  # pooling factors of the context levels
+    hidden: tuple[int, ...] = (64, 32)
+    context: tuple[int, ...] = (4, 16)  # pooling factors of the context levels
 
     def __post_init__(self):
-        for name in ("radius", "ctx_radius", "band_radius"):
+        for name in ("radius", "ctx_radius"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 8:
                 raise ValueError(f"refiner config {name}={v!r}: expected an integer in 0..8")
@@ -63,7 +65,7 @@ class RefinerConfig:
 
     @property
     def n_inputs(self) -> int:
-        return (FINE_CH * (2 * self.radius + 1) ** 2 + 1
+        return (FINE_CH * (2 * self.radius + 1) ** 2 + CENTRE_CH
                 + len(self.context) * COARSE_CH * (2 * self.ctx_radius + 1) ** 2 + 3)
 
     def to_json(self) -> str:
@@ -109,7 +111,7 @@ class Refiner(nn.Module):
         widest context reach, a multiple of 16 (GreenPost's bands start on multiples of 16, so the context
         levels' pooling blocks stay aligned with the whole image's)."""
         reach = max([f * (self.config.ctx_radius + 1) for f in self.config.context]
-                    + [self.config.radius + self.config.band_radius + SMOOTH + 1])
+                    + [self.config.radius + SMOOTH + 1])
         return max(32, -(-reach // 16) * 16)
 
     def num_parameters(self) -> int:
@@ -136,12 +138,9 @@ def alpha_column(config: RefinerConfig) -> int:
 
 # ----------------------------------------------------------------------------------------------- features
 
-def band_mask(alpha: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pixels to refine: classical alpha strictly inside (0, 1), dilated by `radius`. alpha (1, 1, H, W)."""
-    unsure = ((alpha > 0) & (alpha < 1)).float()
-    if radius > 0:
-        unsure = F.max_pool2d(unsure, 2 * radius + 1, stride=1, padding=radius)
-    return unsure > 0
+def band_mask(alpha: torch.Tensor) -> torch.Tensor:
+    """Pixels to refine: classical alpha strictly inside (0, 1). alpha (1, 1, H, W) -> bool (1, 1, H, W)."""
+    return (alpha > 0) & (alpha < 1)
 
 
 def _neighbourhoods(maps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:
@@ -179,16 +178,19 @@ class FeatureSource:
     _coarse: dict = field(init=False, default_factory=dict)
 
     def coarse(self, f: int) -> torch.Tensor:
-        """Pooled (I - B, alpha) at factor f, (1, 4, ceil(H/f), ceil(W/f)); computed once per factor."""
+        """Block averages at factor f of (I - B, alpha, alpha == 1, alpha == 0), (1, 6, ceil(H/f), ceil(W/f));
+        computed once per factor."""
         if f not in self._coarse:
-            pooled = [F.avg_pool2d(t, f, stride=f, ceil_mode=True) for t in (self.image, self.backing, self.alpha)]
-            self._coarse[f] = torch.cat([pooled[0] - pooled[1], pooled[2]], 1)
+            t = torch.cat([self.image - self.backing, self.alpha, (self.alpha >= 1).float(),
+                           (self.alpha <= 0).float()], 1)
+            self._coarse[f] = F.avg_pool2d(t, f, stride=f, ceil_mode=True)
         return self._coarse[f]
 
 
 def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
     """Feature vectors (N, config.n_inputs) at the pixels (ys, xs): the fine neighbourhood (offset-major:
-    I-B, F0-B, alpha), the separation scale, the coarse neighbourhood and log10 of the noise deviations."""
+    I-B, F0-B, alpha), the plate colour and the separation scale at the pixel, the coarse neighbourhoods
+    and log10 of the noise deviations."""
     H, W = src.alpha.shape[-2:]
     n = ys.numel()
     r = config.radius
@@ -207,14 +209,15 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
         ctx.append(_neighbourhoods([src.coarse(f)], torch.div(ys, f, rounding_mode="floor"),
                                    torch.div(xs, f, rounding_mode="floor"), config.ctx_radius))
     noise = torch.log10(src.noise_std.clamp_min(1e-4)).view(1, 3).expand(n, 3)
-    return torch.cat([g, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
+    plate = src.backing[0, :, ys, xs].t()
+    return torch.cat([g, plate, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
 
 
 def refine_alpha(model: Refiner, src: FeatureSource, smooth: int = SMOOTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Refined alpha (1, 1, H, W) and the band (1, 1, H, W) bool it was changed in; elsewhere the classical
     alpha is returned bit for bit. The per-pixel corrections are averaged over the band pixels of a
     (2 smooth + 1)^2 box (default SMOOTH), which removes their pixel-to-pixel noise."""
-    band = band_mask(src.alpha, model.config.band_radius)
+    band = band_mask(src.alpha)
     idx = band.view(-1).nonzero().view(-1)
     if idx.numel() == 0:
         return src.alpha.clone(), band
@@ -286,11 +289,15 @@ def load_refiner(path=SHIPPED) -> Refiner:
     from .model_files import read_self_describing
 
     path = Path(path)
-    _, meta, _ = read_self_describing(
+    _, meta, version = read_self_describing(
         path, kind=KIND, format_version=FORMAT_VERSION, what="GreenPost refiner",
         wrong_kind_hint="train one with train_refiner.py", save_hint="save refiners with save_refiner (safetensors)",
         missing_hint="reinstall the pack (the shipped weights are models/weights/greenpost_refiner.safetensors) or "
                      "use refiner 'off'")
+    if version < FORMAT_VERSION:
+        raise ValueError(f"{path.name} has refiner format version {version}, from an earlier version of the pack "
+                         f"whose refiner read other inputs; this pack reads format {FORMAT_VERSION}: retrain it "
+                         f"with train_refiner.py or use the shipped weights")
     config = RefinerConfig.from_json(meta.get("config", ""))
     model = Refiner(config)
     tensors = load_file(str(path))
