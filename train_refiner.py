@@ -28,6 +28,7 @@ HERE = _package.ROOT
 
 DATA_SOURCES = ("synthetic", "procedural")
 CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated images are noise-free)
+FLAT_FRACTION = 0.15  # of those, shot again over one flat key colour (a generated canvas), some lightly noisy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +108,16 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
 
         rng = np.random.default_rng([seed, 19])
         size = int(rng.integers(size_min, size_max + 1))
-        d = make_sample(seed, size, camera_effects=bool(rng.random() >= CLEAN_FRACTION))
+        camera = bool(rng.random() >= CLEAN_FRACTION)
+        flat = bool(rng.random() < FLAT_FRACTION)
+        d = make_sample(seed, size, camera_effects=camera and not flat)
+        if flat:
+            a = d["alpha"][..., None]
+            key = np.median(d["backing"].reshape(-1, 3), 0)
+            image = a * d["fg"] + (1 - a) * key
+            if rng.random() < 0.5:
+                image = np.round(np.clip(image + rng.normal(0, rng.uniform(0.002, 0.01), image.shape), 0, 1) * 255) / 255
+            return np.clip(image, 0, 1).astype(np.float32), d["alpha"]
         return d["image"], d["alpha"]  # green and blue backings: GreenPost detects either
 
     from diffumatting.models import synthetic as S
@@ -222,6 +232,7 @@ def _args_fingerprint(args) -> str:
     d = {k: getattr(args, k) for k in keys}
     d["data_version"] = data_version(args.data)
     d["clean_fraction"] = CLEAN_FRACTION
+    d["flat_fraction"] = FLAT_FRACTION
     return json.dumps(d, sort_keys=True, default=str)
 
 

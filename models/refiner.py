@@ -9,9 +9,10 @@ transparent pixels (how far the certain regions are); and the measured noise lev
 correction of the classical alpha (a residual). The foreground is then unmixed again with the refined alpha
 (models/greenpost.py).
 
-Safe by design: the band is where the classical alpha is strictly between 0 and 1. Pixels the classical key
-marks certain (exactly 0 or exactly 1: clean backing, solid interiors) are never changed, so the refined
-matte keeps its exact 0 and 1 (8-bit output holds 0 and 255 there). Inside the band the pixels are gathered
+Safe by design: the band is where the classical alpha is more than half an 8-bit step (SURE) from 0 and 1.
+Pixels the classical key marks certain (clean backing, solid interiors: 0 or 1, or so close that 8-bit
+output writes 0 or 255) are never changed, so the refined matte keeps its 0 and 255 wherever the classical
+key has them. Inside the band the pixels are gathered
 and run in chunks, so time and memory scale with the band, not the image.
 
 Files: safetensors with `kind`, `format_version` and the architecture `config` (JSON) in the metadata.
@@ -36,7 +37,8 @@ SMOOTH = 1     # corrections are box-averaged over the band pixels of a (2 SMOOT
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
 COARSE_CH = 6   # pooled I-B (3), classical alpha, fraction of alpha == 1, fraction of alpha == 0
-CENTRE_CH = 4   # plate colour B (3), separation scale (centre pixel only)
+CENTRE_CH = 5   # plate colour B (3), colour-difference alpha, separation scale (centre pixel only)
+SURE = 0.5 / 255  # classical alpha within this of 0 or 1 is certain: never changed (8-bit 0 / 255 stay)
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,19 @@ def alpha_column(config: RefinerConfig) -> int:
 # ----------------------------------------------------------------------------------------------- features
 
 def band_mask(alpha: torch.Tensor) -> torch.Tensor:
-    """Pixels to refine: classical alpha strictly inside (0, 1). alpha (1, 1, H, W) -> bool (1, 1, H, W)."""
-    return (alpha > 0) & (alpha < 1)
+    """Pixels to refine: classical alpha more than SURE from 0 and 1. alpha (1, 1, H, W) -> bool (1, 1, H, W)."""
+    return (alpha > SURE) & (alpha < 1 - SURE)
+
+
+def colour_difference_alpha(image: torch.Tensor, backing: torch.Tensor) -> torch.Tensor:
+    """Colour-difference (Vlahos) alpha against the local plate: 1 - e(I) / e(B), e(x) the plate's dominant
+    channel minus the larger of the other two. image, backing (N, 3) -> (N,), clamped to [-1, 2]."""
+    p = backing.argmax(1, keepdim=True)
+    sel = torch.ones_like(backing, dtype=torch.bool).scatter_(1, p, False)
+
+    def excess(x):
+        return x.gather(1, p)[:, 0] - x.masked_fill(~sel, -1.0).max(1).values
+    return (1.0 - excess(image) / excess(backing).clamp_min(0.02)).clamp(-1.0, 2.0)
 
 
 def _neighbourhoods(maps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:
@@ -189,8 +202,8 @@ class FeatureSource:
 
 def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
     """Feature vectors (N, config.n_inputs) at the pixels (ys, xs): the fine neighbourhood (offset-major:
-    I-B, F0-B, alpha), the plate colour and the separation scale at the pixel, the coarse neighbourhoods
-    and log10 of the noise deviations."""
+    I-B, F0-B, alpha), the plate colour, the colour-difference alpha and the separation scale at the pixel,
+    the coarse neighbourhoods and log10 of the noise deviations."""
     H, W = src.alpha.shape[-2:]
     n = ys.numel()
     r = config.radius
@@ -210,7 +223,8 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
                                    torch.div(xs, f, rounding_mode="floor"), config.ctx_radius))
     noise = torch.log10(src.noise_std.clamp_min(1e-4)).view(1, 3).expand(n, 3)
     plate = src.backing[0, :, ys, xs].t()
-    return torch.cat([g, plate, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
+    cd = colour_difference_alpha(src.image[0, :, ys, xs].t(), plate)
+    return torch.cat([g, plate, cd.view(n, 1), sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
 
 
 def refine_alpha(model: Refiner, src: FeatureSource, smooth: int = SMOOTH) -> tuple[torch.Tensor, torch.Tensor]:
