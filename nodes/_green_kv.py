@@ -154,21 +154,22 @@ def positions_of(entry: dict) -> list[int] | None:
 
 
 def green_table(conds) -> dict:
-    """{cond uuid: GreenContext} of the positive and negative prompts of one model call. A positive prompt
-    without recorded positions is an error (the protection would silently do nothing)."""
+    """{cond uuid: GreenContext} of the prompts of one model call (lists: positive, negative, ...).
+
+    In a guided call (a positive and a negative list) whose positive prompt records no positions, it is an
+    error: the protection would do nothing (a plain CLIP Text Encode). Calls with one list (cfg 1, or
+    guidance nodes such as SAG that run the negative prompt alone) take what is recorded."""
     table = {}
-    for index, entries in enumerate(conds):
+    guided = len(conds) >= 2 and conds[0] and conds[1] is not None
+    if guided and all(positions_of(entry) is None for entry in conds[0]):
+        raise ValueError("green token k/v protection needs to know where the word 'green' is in the prompt: "
+                         "encode the positive prompt with Green Canvas Prompt (plain CLIP Text Encode does not "
+                         "record it), or set the LoRA stack's protection_mode to 'all cross-attention'")
+    for entries in conds:
         for entry in entries or []:
             positions = positions_of(entry)
-            if positions is None:
-                if index == 0:
-                    raise ValueError("green token k/v protection needs to know where the word 'green' is in the "
-                                     "prompt: encode the positive prompt with Green Canvas Prompt (plain CLIP "
-                                     "Text Encode does not record it), or set the LoRA stack's protection_mode "
-                                     "to 'all cross-attention'")
-                continue
             context = entry.get("cross_attn")
-            if context is not None and positions:
+            if positions and context is not None:
                 table[entry["uuid"]] = green_context(context, positions)
     return table
 

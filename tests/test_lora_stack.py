@@ -219,7 +219,7 @@ def test_green_kv_mode_needs_green_prompt_and_respects_opt_out(tiny, lora_folder
     plain = prot_c.encode_from_tokens_scheduled(prot_c.tokenize("a red apple on a green screen"))
     lat = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="encode the positive prompt with Green Canvas Prompt"):
-        comfy.sample.sample(prot_m, comfy.sample.prepare_noise(lat, 0), 1, 1.0, "euler", "normal", plain, plain,
+        comfy.sample.sample(prot_m, comfy.sample.prepare_noise(lat, 0), 1, 5.0, "euler", "normal", plain, plain,
                             lat, disable_pbar=True)
     # An opted-out row is applied as core does: no attention replacement, no CLIP attached.
     out_m, out_c, _ = _run(model, clip, green_protection=1.0, protection_mode=KV_MODE, lora_1=LORAS[0],
