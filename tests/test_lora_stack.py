@@ -231,3 +231,16 @@ def test_green_kv_mode_needs_green_prompt_and_respects_opt_out(tiny, lora_folder
         _run(prot_m, prot_c, green_protection=0.5, protection_mode=KV_MODE, lora_1=LORAS[1])
     with pytest.raises(ValueError, match="protection_mode='sideways' is not one of"):
         _run(model, clip, green_protection=1.0, protection_mode="sideways", lora_1=LORAS[0])
+
+
+def test_green_kv_mode_chained_stacks_protect_both(tiny, lora_folder):
+    """Two stacks in a row, each with one LoRA: the second keeps the first's protection (model and CLIP)."""
+    from green_measure import kv_change
+
+    model, clip = tiny["model"], tiny["clip"]
+    m1, c1, _ = _run(model, clip, green_protection=1.0, protection_mode=KV_MODE, lora_1=LORAS[0])
+    m2, c2, _ = _run(m1, c1, green_protection=1.0, protection_mode=KV_MODE, lora_1=LORAS[1])
+    both_m, both_c, _ = _run(model, clip, lora_1=LORAS[0], lora_2=LORAS[1])
+    base, positions = _kv_records(model, clip)
+    green, others = kv_change(base, _kv_records(both_m, both_c)[0], _kv_records(m2, c2)[0], positions)
+    assert green < 1e-4 and others == 0.0, (green, others)
