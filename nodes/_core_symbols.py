@@ -18,8 +18,11 @@ set_model_attn2_replace), comfy/cli_args.py (args.cpu, disable_metadata, disable
 use_pytorch_cross_attention; it reads comfy.options.args_parsing), folder_paths.py (every name listed) and
 comfy_api/latest/__init__.py (ComfyExtension; io and ui are now the public re-export modules _io_public and
 _ui_public, which are not in the searchable copy: Schema's search_aliases and the ui classes were read in
-_io.py / _ui.py). Not re-read in the newest source, tested on 0.3.75 only: comfy/options.py (not in the
-searchable copy), model_base.BaseModel.process_latent_in, clip_model.CLIPTextModel, openaimodel.UNetModel,
+_io.py / _ui.py), comfy/ldm/modules/attention.py (BasicTransformerBlock's attn2 replacement call: q, k, v
+projected, then to_out), comfy/samplers.py (CALC_COND_BATCH wrappers; transformer_options["uuids"]),
+comfy/lora.py (calculate_weight(patches, weight, key, ...)), ModelPatcher.add_wrapper_with_key. Not re-read
+in the newest source, tested on 0.3.75 only: comfy/options.py (not in the searchable copy),
+model_base.BaseModel.process_latent_in, clip_model.CLIPTextModel, openaimodel.UNetModel,
 sd.load_checkpoint_guess_config.
 
 CORE_SYMBOLS maps a module to dotted names inside it (classes' methods included). VAE_INSTANCE_ATTRIBUTES
@@ -54,15 +57,18 @@ CORE_SYMBOLS: dict[str, tuple[str, ...]] = {
     "comfy.utils": ("ProgressBar", "tiled_scale", "get_tiled_scale_steps", "load_torch_file", "unet_to_diffusers"),
     "comfy.sd": (
         "VAE", "VAE.decode", "VAE.decode_tiled", "VAE.throw_exception_if_invalid", "VAE.spacial_compression_decode",
-        "CLIP.tokenize", "CLIP.encode_from_tokens", "CLIP.encode_from_tokens_scheduled", "CLIP.clone",
+        "CLIP.tokenize", "CLIP.encode_from_tokens", "CLIP.encode_from_tokens_scheduled", "CLIP.clone", "CLIP.clip_layer",
         "load_lora_for_models", "load_checkpoint_guess_config",
     ),
     "comfy.model_patcher": (
         "ModelPatcher.clone", "ModelPatcher.add_patches", "ModelPatcher.get_model_object",
         "ModelPatcher.set_model_sampler_post_cfg_function", "ModelPatcher.set_model_attn2_replace",
+        "ModelPatcher.add_wrapper_with_key", "ModelPatcher.get_wrappers", "ModelPatcher.set_attachments",
+        "ModelPatcher.get_attachment",
     ),
+    "comfy.patcher_extension": ("WrappersMP.CALC_COND_BATCH",),
     "comfy.model_base": ("BaseModel.process_latent_in",),
-    "comfy.lora": ("model_lora_keys_unet",),
+    "comfy.lora": ("model_lora_keys_unet", "calculate_weight"),
     "comfy.ops": ("disable_weight_init",),
     "comfy.clip_model": ("CLIPTextModel",),
     "comfy.sd1_clip": (),
