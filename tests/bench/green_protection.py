@@ -11,6 +11,8 @@ Measured on held-out placements and prompts, one euler step at denoise 0.4 (cfg 
 - green left: |k,v(protected) - k,v(base)| / |k,v(LoRA) - k,v(base)| at the green token (0 = the LoRA's
   change there is removed); others moved: |k,v(protected) - k,v(LoRA)| / |k,v(LoRA) - k,v(base)| at every
   other token (0 = the LoRA's change there is kept). Over all layers, keys and values.
+- map corr: Pearson correlation of the green token's map with the base model's map for the same input
+  (mean over layers and samples; 1 = the base model's map).
 
 Two LoRAs: a random "style" LoRA on every layer (UNet and CLIP, the test LoRAs' scale) and a random LoRA on
 the cross-attention keys/values and the text encoder only, scale 1.5 (one that rewrites what the words,
@@ -31,6 +33,17 @@ import conftest  # noqa: E402  registers the pack as `diffumatting`
 
 SEEDS = range(4)
 FIT_STEPS = 60
+
+
+def map_corr(records: dict, base: dict) -> float:
+    """Mean over layers of the Pearson correlation between two records' green-token maps."""
+    import torch
+
+    out = []
+    for layer, r in records.items():
+        a, b = r["map"].flatten(), base[layer]["map"].flatten()
+        out.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+    return sum(out) / len(out)
 
 
 def main() -> int:
@@ -95,7 +108,8 @@ def main() -> int:
         for label, (iou, rec) in out.items():
             keep = statistics.mean(iou) / statistics.mean(base_iou)
             diff = [a - b for a, b in zip(iou, alone)]
-            line = f"  {label:20s} IoU {statistics.mean(iou):.3f}  keep {keep:.3f}"
+            corr = statistics.mean(map_corr(r[0], b[0]) for r, b in zip(rec, base_rec))
+            line = f"  {label:20s} IoU {statistics.mean(iou):.3f}  keep {keep:.3f}  map corr {corr:.3f}"
             if label != "LoRA alone":
                 sem = statistics.stdev(diff) / len(diff) ** 0.5
                 pairs = [kv_change(b[0], l[0], p[0], b[1]) for b, l, p in zip(base_rec, out["LoRA alone"][1], rec)]
@@ -103,7 +117,9 @@ def main() -> int:
                 line += (f"  vs LoRA alone {statistics.mean(diff):+.3f} +- {sem:.3f}  green left {green:.2e}  "
                          f"others moved {others:.2e}")
                 if label == "green token k/v":
-                    summary.append(f"{lora}_kv_keep={keep:.3f} {lora}_alone_keep="
+                    alone_corr = statistics.mean(map_corr(r[0], b[0]) for r, b in zip(out["LoRA alone"][1], base_rec))
+                    summary.append(f"{lora}_kv_corr={corr:.3f} {lora}_alone_corr={alone_corr:.3f} "
+                                   f"{lora}_kv_keep={keep:.3f} {lora}_alone_keep="
                                    f"{statistics.mean(alone) / statistics.mean(base_iou):.3f} {lora}_green_left="
                                    f"{green:.1e} {lora}_others_moved={others:.1e}")
             print(line)
