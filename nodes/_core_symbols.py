@@ -11,7 +11,10 @@ comfy/utils.py (tiled_scale, get_tiled_scale_steps, ProgressBar, set_progress_ba
 load_torch_file, unet_to_diffusers), comfy/model_management.py (throw_exception_if_processing_interrupted,
 interrupt_current_processing, InterruptProcessingException; dtype_size, intermediate_device, load_models_gpu
 as comfy/sd.py calls them), folder_paths.py (every name listed) and comfy_api/latest/_io.py (Schema and its
-search_aliases field), comfy_api/latest/_ui.py (PreviewImage, PreviewText, SavedImages, SavedResult). The
+search_aliases field), comfy_api/latest/_ui.py (PreviewImage, PreviewText, SavedImages, SavedResult),
+comfy/ldm/modules/attention.py (BasicTransformerBlock's attn2 replacement call: q, k, v projected, then
+to_out), comfy/samplers.py (CALC_COND_BATCH wrappers; transformer_options["uuids"]), comfy/lora.py
+(calculate_weight(patches, weight, key, ...)), ModelPatcher.add_wrapper_with_key. The
 other names (model_patcher, model_base, ops, clip_model, ldm classes, the other io classes) are tested on
 0.3.75 only.
 
@@ -47,15 +50,18 @@ CORE_SYMBOLS: dict[str, tuple[str, ...]] = {
     "comfy.utils": ("ProgressBar", "tiled_scale", "get_tiled_scale_steps", "load_torch_file", "unet_to_diffusers"),
     "comfy.sd": (
         "VAE", "VAE.decode", "VAE.decode_tiled", "VAE.throw_exception_if_invalid", "VAE.spacial_compression_decode",
-        "CLIP.tokenize", "CLIP.encode_from_tokens", "CLIP.encode_from_tokens_scheduled", "CLIP.clone",
+        "CLIP.tokenize", "CLIP.encode_from_tokens", "CLIP.encode_from_tokens_scheduled", "CLIP.clone", "CLIP.clip_layer",
         "load_lora_for_models", "load_checkpoint_guess_config",
     ),
     "comfy.model_patcher": (
         "ModelPatcher.clone", "ModelPatcher.add_patches", "ModelPatcher.get_model_object",
         "ModelPatcher.set_model_sampler_post_cfg_function", "ModelPatcher.set_model_attn2_replace",
+        "ModelPatcher.add_wrapper_with_key", "ModelPatcher.get_wrappers", "ModelPatcher.set_attachments",
+        "ModelPatcher.get_attachment",
     ),
+    "comfy.patcher_extension": ("WrappersMP.CALC_COND_BATCH",),
     "comfy.model_base": ("BaseModel.process_latent_in",),
-    "comfy.lora": ("model_lora_keys_unet",),
+    "comfy.lora": ("model_lora_keys_unet", "calculate_weight"),
     "comfy.ops": ("disable_weight_init",),
     "comfy.clip_model": ("CLIPTextModel",),
     "comfy.sd1_clip": (),

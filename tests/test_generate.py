@@ -232,6 +232,8 @@ def test_green_prompt_encodes_the_full_text_and_marks_green_tokens(tiny):
                 {x[0] for x in clip.tokenize("")["l"][0]}]
     assert positions["l"] and all(ids[p] in green_id for p in positions["l"])
     assert G.green_tokens(clip, clip.tokenize("an apple")) == {"l": []}
+    # Recorded in the conditioning for the LoRA stack's green token k/v protection.
+    assert cond[0][1]["diffumatting_green_tokens"] == positions
 
 
 def test_schemas_validate_in_the_host(comfy_host):
