@@ -2,27 +2,27 @@
 
 Both run on the same full-size SD1.x KL-f8 VAE architecture (ComfyUI's own AutoencoderKL: ch 128,
 ch_mult 1,2,4,4, 2 res blocks; seeded random weights, which time the same as trained ones), on CPU, in one
-run of this script: 256x256 by default (12 decodes in one process: a few minutes on the idle 2-core machine,
-under 10 under `nice` on the shared, loaded one), 512x512 and 1024x1024 with --full (an hour or more there).
+run of this script: 256x256 by default (16 decodes in three processes: a few minutes on the idle 2-core
+machine), 512x512 and 1024x1024 with --full (an hour or more on the shared, loaded one); --size N for one
+other size.
 The matting decode goes through core's own VAE.decode with the head's hooks attached for the call.
 GreenPost refinement is off (it is a separate step with its own cost); the head, the hooks and the node's
 extra outputs (alpha, rgba, transparency mask) are all included. Each path is checked before it is timed:
 one decoder call per decode, and the head's alpha present and varying (a broken path fails, it does not
 read as 1.00x).
 
-One subprocess per size builds the VAE once, checks and warms up both paths, then:
+Time: one subprocess per size builds the VAE once, checks and warms up both paths, then alternates core /
+head decodes `--repeats` times; the figures are median(head) / median(core) of the wall-clock time and of
+the process's CPU time (all threads; far less disturbed than wall-clock time when other jobs share the CPU).
 
-Time: alternates core / head decodes `--repeats` times; the figures are median(head) / median(core) of the
-wall-clock time and of the process's CPU time (all threads; far less disturbed than wall-clock time when
-other jobs share the CPU).
-
-Peak memory: then alternates core / head decodes `--mem-repeats` times more, each measured alone: freed heap
-pages are handed back (malloc_trim), the kernel's peak-RSS counter is reset (5 written to
-/proc/self/clear_refs), the RSS recorded, one decode run and the peak read (VmHWM in /proc/self/status).
-A decode's working memory is peak - RSS before; mem_ratio is the largest over the sizes run of
-median(head) / median(core) working memory. (tracemalloc cannot see torch's allocations; VmHWM counts every
-resident page of the process. torch's CPU allocator returns large blocks to the OS when freed, so one
-decode's peak does not hide inside memory an earlier one left.)
+Peak memory: one fresh subprocess per (path, size) that has run only that path (a warm-up decode at
+128x128), then decodes `--mem-repeats` times at the size, each measured alone: freed heap pages are handed
+back (malloc_trim), the kernel's peak-RSS counter is reset (5 written to /proc/self/clear_refs), the RSS
+recorded, one decode run and the peak read (VmHWM in /proc/self/status). A decode's working memory is
+peak - RSS before; mem_ratio is the largest over the sizes run of median(head) / median(core) working
+memory. The first decode at the size is reported as well. (tracemalloc cannot see torch's allocations; VmHWM
+counts every resident page of the process. Measuring both paths in one process is not used: there the core
+decode measured 358 MiB at 256x256 after head decodes, 298 MiB in a process of its own.)
 
 Last line (machine-readable): `ratio_256=X cpu_ratio_256=C mem_ratio=Z`; with --full the same for 512 and
 1024 (mem_ratio: the largest over the sizes run). Targets: time ratios <= 1.10 and Z <= 1.10.
@@ -127,19 +127,24 @@ def _alternate(repeats: int):
         yield from (("core", "head") if i % 2 == 0 else ("head", "core"))
 
 
-def child(size: int, repeats: int, mem_repeats: int, threads: int) -> dict:
+def child_time(size: int, repeats: int, threads: int) -> dict:
     torch, runs = _setup(threads)
     latent = _latent(torch, size)
     runs["check"](latent)  # also the warm-up at this size
-    out = {"core": [], "head": [], "core_cpu": [], "head_cpu": [], "core_mem": [], "head_mem": []}
+    out = {"core": [], "head": [], "core_cpu": [], "head_cpu": []}
     for name in _alternate(repeats):
         t, c = time.perf_counter(), time.process_time()
         runs[name](latent)
         out[name].append(time.perf_counter() - t)
         out[name + "_cpu"].append(time.process_time() - c)
-    for name in _alternate(mem_repeats):
-        out[name + "_mem"].append(_measure_memory(runs[name], latent))
     return out
+
+
+def child_mem(variant: str, size: int, repeats: int, threads: int) -> list[dict]:
+    torch, runs = _setup(threads)
+    runs[variant](_latent(torch, 128))  # warm-up of this path only: libraries, thread pools, kernels
+    latent = _latent(torch, size)
+    return [_measure_memory(runs[variant], latent) for _ in range(repeats)]
 
 
 def _spawn(args: list[str]) -> dict:
@@ -153,18 +158,26 @@ def _spawn(args: list[str]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per path and size (median)")
-    p.add_argument("--mem-repeats", type=int, default=2, help="memory-measured decodes per path and size (median)")
+    p.add_argument("--mem-repeats", type=int, default=3, help="memory-measured decodes per path and size, in a "
+                                                              "process of that path's own (median)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--full", action="store_true", help="512x512 and 1024x1024 instead of 256x256 (an hour or more "
                                                        "on a loaded 2-core CPU)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help="one image size in pixels (a multiple of 8, at least 64) instead of "
+                                            "the default 256 / --full")
+    p.add_argument("--child", choices=["time", "mem"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=["core", "head"], help=argparse.SUPPRESS)
     a = p.parse_args()
     for name in ("repeats", "mem_repeats", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.child:
-        print(json.dumps(child(a.size, a.repeats, a.mem_repeats, a.threads)))
+    if a.size is not None and (a.size < 64 or a.size % 8):
+        p.error(f"--size must be a multiple of 8 and at least 64, got {a.size}")
+    if a.child == "time":
+        print(json.dumps(child_time(a.size, a.repeats, a.threads)))
+        return 0
+    if a.child == "mem":
+        print(json.dumps(child_mem(a.variant, a.size, a.mem_repeats, a.threads)))
         return 0
 
     started = time.perf_counter()
@@ -173,9 +186,8 @@ def main() -> int:
           f"{a.mem_repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
           flush=True)
     ratios, cpu_ratios, mem_ratios = {}, {}, {}
-    for size in FULL_SIZES if a.full else SIZES:
-        t = _spawn(["--child", "--size", str(size), "--repeats", str(a.repeats), "--mem-repeats", str(a.mem_repeats),
-                    "--threads", str(a.threads)])
+    for size in (a.size,) if a.size else FULL_SIZES if a.full else SIZES:
+        t = _spawn(["--child", "time", "--size", str(size), "--repeats", str(a.repeats), "--threads", str(a.threads)])
         core_t, head_t = statistics.median(t["core"]), statistics.median(t["head"])
         core_c, head_c = statistics.median(t["core_cpu"]), statistics.median(t["head_cpu"])
         ratios[size], cpu_ratios[size] = head_t / core_t, head_c / core_c
@@ -184,13 +196,15 @@ def main() -> int:
         print(f"{size}x{size} CPU time: core {core_c:.2f} s, head {head_c:.2f} s, ratio {cpu_ratios[size]:.3f} "
               f"(core {['%.2f' % x for x in t['core_cpu']]}, head {['%.2f' % x for x in t['head_cpu']]})",
               flush=True)
-        mem = {v: t[v + "_mem"] for v in ("core", "head")}
+        mem = {v: _spawn(["--child", "mem", "--variant", v, "--size", str(size), "--mem-repeats",
+                          str(a.mem_repeats), "--threads", str(a.threads)]) for v in ("core", "head")}
         work = {v: statistics.median(m["work_kb"] for m in mem[v]) for v in mem}
         peak = {v: statistics.median(m["peak_kb"] for m in mem[v]) for v in mem}
         mem_ratios[size] = work["head"] / work["core"]
         print(f"{size}x{size} memory: decode working set core {work['core'] / 1024:.0f} MiB, head "
-              f"{work['head'] / 1024:.0f} MiB, ratio {mem_ratios[size]:.3f}; process peak RSS core "
-              f"{peak['core'] / 1024:.0f} MiB, head {peak['head'] / 1024:.0f} MiB, ratio "
+              f"{work['head'] / 1024:.0f} MiB, ratio {mem_ratios[size]:.3f} (first decode at the size: core "
+              f"{mem['core'][0]['work_kb'] / 1024:.0f}, head {mem['head'][0]['work_kb'] / 1024:.0f} MiB); "
+              f"process peak RSS core {peak['core'] / 1024:.0f} MiB, head {peak['head'] / 1024:.0f} MiB, ratio "
               f"{peak['head'] / peak['core']:.3f}", flush=True)
     print(f"whole run {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.1f}")
     print(" ".join(f"ratio_{size}={ratios[size]:.3f} cpu_ratio_{size}={cpu_ratios[size]:.3f}" for size in ratios)
