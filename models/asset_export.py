@@ -131,4 +131,6 @@ def output_subfolder(folder: str, root: str) -> tuple[str, str]:
     if os.path.commonpath([real_root, target]) != real_root or target == real_root:
         raise ValueError(f"folder {given!r} points outside ComfyUI's output folder; remove '..' parts (and links "
                          f"that lead out) and {example}")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"folder {given!r} is a file in ComfyUI's output folder; {example}")
     return target, os.path.relpath(target, real_root).replace(os.sep, "/")

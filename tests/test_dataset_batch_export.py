@@ -65,11 +65,12 @@ def test_output_subfolder_refuses_escapes(tmp_path):
     root.mkdir()
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", root / "link")
+    (root / "a-file.png").write_bytes(b"x")
     path, rel = output_subfolder(" assets/run 1 ", str(root))
     assert path == str(root / "assets" / "run 1") and rel == "assets/run 1"
     for bad, words in [("../x", "outside"), ("a/../../x", "outside"), ("link/x", "outside"), (".", "outside"),
                        ("/abs", "absolute"), ("~/x", "absolute"), ("C:/x", "absolute"), ("", "empty"),
-                       ("//", "empty"), ("a\0b", "NUL"), ("x" * 300, "255 bytes")]:
+                       ("//", "empty"), ("a\0b", "NUL"), ("x" * 300, "255 bytes"), ("a-file.png", "is a file")]:
         with pytest.raises(ValueError, match=words):
             output_subfolder(bad, str(root))
 
