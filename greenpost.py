@@ -9,7 +9,6 @@ reported by name on stderr and the rest are still keyed; the exit status is 1 if
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -22,33 +21,13 @@ _package.register()
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _unit(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a number; give a value in 0..1") from None
-        if not 0.0 <= v <= 1.0:
-            raise argparse.ArgumentTypeError(f"{name} {text} is outside 0..1; give a value in 0..1")
-        return v
-    return parse
-
-
-def _positive(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            v = float("nan")
-        if not math.isfinite(v) or v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not a positive number; give e.g. 64")
-        return v
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from diffumatting.models.cli_args import number
     from diffumatting.models.greenpost import OPTION_DOCS, RefinerChoice
     from diffumatting.models.image_file import BYTES_PER_PIXEL
+
+    def unit(flag):
+        return number(flag, 0, 1)
 
     p = argparse.ArgumentParser(prog="greenpost.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,24 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-color", default=None, metavar="#RRGGBB",
                    help="backing colour to key, e.g. #1fb83a; default: estimated from each image. "
                         + OPTION_DOCS["key_color"].split(". ", 1)[1])
-    p.add_argument("--spill-strength", type=_unit("--spill-strength"), default=1.0, metavar="0..1",
+    p.add_argument("--spill-strength", type=unit("--spill-strength"), default=1.0, metavar="0..1",
                    help=OPTION_DOCS["spill_strength"] + " Default 1.")
-    p.add_argument("--edge-detail", type=_unit("--edge-detail"), default=0.5, metavar="0..1",
+    p.add_argument("--edge-detail", type=unit("--edge-detail"), default=0.5, metavar="0..1",
                    help=OPTION_DOCS["edge_detail"] + " Default 0.5.")
-    p.add_argument("--clip-black", type=_unit("--clip-black"), default=0.0, metavar="0..1",
+    p.add_argument("--clip-black", type=unit("--clip-black"), default=0.0, metavar="0..1",
                    help=OPTION_DOCS["clip_black"] + " Default 0.")
-    p.add_argument("--clip-white", type=_unit("--clip-white"), default=1.0, metavar="0..1",
+    p.add_argument("--clip-white", type=unit("--clip-white"), default=1.0, metavar="0..1",
                    help=OPTION_DOCS["clip_white"] + " Default 1.")
-    p.add_argument("--refiner", choices=[c.value for c in RefinerChoice], default=RefinerChoice.OFF.value,
-                   help=OPTION_DOCS["refiner"] + f" Default {RefinerChoice.OFF.value} (the classical key measures "
-                                                 f"better for now).")
+    p.add_argument("--refiner", choices=[c.value for c in RefinerChoice], default=RefinerChoice.SHIPPED.value,
+                   help=OPTION_DOCS["refiner"] + " Pass --refiner off for the classical key alone.")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing OUTPUT_DIR/<stem>.png files (default: refuse to start if any exists)")
-    p.add_argument("--max-megapixels", type=_positive("--max-megapixels"), default=None, metavar="MP",
+    p.add_argument("--max-megapixels", type=number("--max-megapixels", 0, lo_open=True, example=64), default=None, metavar="MP",
                    help="refuse images above this many megapixels, read from the file's header before decoding "
                         "(default: what the memory available now can key, about "
                         f"{BYTES_PER_PIXEL} bytes per pixel)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
+    p.add_argument("--threads", type=number("--threads", 0, kind=int), default=0, metavar="N",
                    help="CPU threads for torch (default 0: torch's own choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (errors are still printed)")
     return p
@@ -96,8 +74,6 @@ def parse_args(argv):
     if a.output_dir.resolve() == a.input_dir.resolve():
         p.error(f"OUTPUT_DIR is the same folder as INPUT_DIR ({a.input_dir}); the PNGs would replace the "
                 f"inputs: give another folder")
-    if a.threads < 0:
-        p.error(f"--threads {a.threads} is negative; give 0 (automatic) or a positive count")
     key = None
     if a.key_color is not None:
         try:

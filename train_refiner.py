@@ -28,34 +28,51 @@ HERE = _package.ROOT
 
 DATA_SOURCES = ("synthetic", "procedural")
 CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated images are noise-free)
+FLAT_FRACTION = 0.15  # of those, shot again over one flat key colour (a generated canvas), some lightly noisy
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffumatting.models.cli_args import int_list, number
+
+    def whole(flag, lo, hi):
+        return number(flag, lo, hi, kind=int)
+
     p = argparse.ArgumentParser(prog="train_refiner.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=HERE / "models" / "weights" / "greenpost_refiner.safetensors",
                    help="where to write the trained weights (.safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data pool, the initial weights and batches")
+    p.add_argument("--seed", type=whole("--seed", 0, 2 ** 31 - 1), default=0,
+                   help="seed of the data pool, the initial weights and batches")
     p.add_argument("--data", choices=DATA_SOURCES, default=DATA_SOURCES[-1],
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=int, default=1200, help="composites in the training pool")
-    p.add_argument("--val-images", type=int, default=40, help="held-out composites (other seeds) for the report")
-    p.add_argument("--size-min", type=int, default=128, help="smallest composite side in pixels")
-    p.add_argument("--size-max", type=int, default=320, help="largest composite side in pixels")
-    p.add_argument("--pixels-per-image", type=int, default=900, help="band pixels sampled from each composite")
-    p.add_argument("--steps", type=int, default=12000, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=2048, help="pixels per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 5%% of it)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--hidden", default="48,24", help="MLP hidden layer widths, comma-separated")
-    p.add_argument("--radius", type=int, default=1, help="fine neighbourhood radius in pixels (0..8)")
-    p.add_argument("--band-radius", type=int, default=1, help="dilation of the uncertain band in pixels (0..8)")
-    p.add_argument("--context", default="4,16", help="pooling factors of the context levels, comma-separated "
-                                                  "(each 2, 4, 8, 16, 32 or 64), e.g. 4,16")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (fixed for reproducibility)")
-    p.add_argument("--save-every", type=int, default=2000, help="write a resume checkpoint every N steps")
+    p.add_argument("--images", type=whole("--images", 1, 100000), default=2400, help="composites in the training pool")
+    p.add_argument("--val-images", type=whole("--val-images", 0, 10000), default=40,
+                   help="held-out composites (other seeds) for the report")
+    p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=128, help="smallest composite side in pixels")
+    p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=320, help="largest composite side in pixels")
+    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=500,
+                   help="band pixels sampled from each composite")
+    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=15000, help="optimiser steps")
+    p.add_argument("--batch", type=whole("--batch", 1, 1_000_000), default=2048, help="pixels per step")
+    p.add_argument("--lr", type=number("--lr", 0, 1, lo_open=True, example=3e-3), default=3e-3,
+                   help="peak learning rate (cosine decay to 5%% of it)")
+    p.add_argument("--weight-decay", type=number("--weight-decay", 0, 1), default=1e-4, help="AdamW weight decay")
+    p.add_argument("--hidden", type=int_list("--hidden", "64,32"), default=(64, 32),
+                   help="MLP hidden layer widths, comma-separated")
+    p.add_argument("--radius", type=whole("--radius", 0, 8), default=1,
+                   help="fine neighbourhood radius in pixels (0..8)")
+    p.add_argument("--context", type=int_list("--context", "4,16"), default=(4, 16),
+                   help="pooling factors of the context levels, comma-separated (each 2, 4, 8, 16, 32 or 64)")
+    p.add_argument("--threads", type=whole("--threads", 1, 256), default=1,
+                   help="CPU threads for torch's training steps (fixed for reproducibility; one is fastest for "
+                        "this small network)")
+    p.add_argument("--workers", type=whole("--workers", 1, 64), default=2,
+                   help="processes that make and key the composites (one thread each; the pool is the same for "
+                        "any number)")
+    p.add_argument("--save-every", type=whole("--save-every", 1, 10_000_000), default=2000,
+                   help="write a resume checkpoint every N steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT's resume checkpoint (<out>.resume.safetensors) if it exists")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -69,33 +86,12 @@ def parse_args(argv):
         p.error(f"--out {a.out}: the weights are written as .safetensors; give a path ending in .safetensors")
     if a.out.exists() and a.out.is_dir():
         p.error(f"--out {a.out} is a folder; give a file path ending in .safetensors")
-    checks = [("--images", a.images, 1, 100000), ("--val-images", a.val_images, 0, 10000),
-              ("--size-min", a.size_min, 32, 4096), ("--size-max", a.size_max, 32, 4096),
-              ("--pixels-per-image", a.pixels_per_image, 1, 1_000_000), ("--steps", a.steps, 1, 10_000_000),
-              ("--batch", a.batch, 1, 1_000_000), ("--threads", a.threads, 1, 256),
-              ("--save-every", a.save_every, 1, 10_000_000), ("--radius", a.radius, 0, 8),
-              ("--band-radius", a.band_radius, 0, 8), ("--seed", a.seed, 0, 2 ** 31 - 1)]
-    for name, v, lo, hi in checks:
-        if not lo <= v <= hi:
-            p.error(f"{name} {v} is outside {lo}..{hi}; give a value in that range")
     if a.size_min > a.size_max:
         p.error(f"--size-min {a.size_min} is above --size-max {a.size_max}; swap them")
-    if not 0 < a.lr <= 1:
-        p.error(f"--lr {a.lr} must be in (0, 1]; try 3e-3")
-    if not 0 <= a.weight_decay <= 1:
-        p.error(f"--weight-decay {a.weight_decay} must be in [0, 1]")
-    try:
-        a.hidden = tuple(int(v) for v in a.hidden.split(",") if v.strip())
-    except ValueError:
-        p.error(f"--hidden {a.hidden!r}: expected comma-separated integers, e.g. 48,24")
-    try:
-        a.context = tuple(int(v) for v in a.context.split(",") if v.strip())
-    except ValueError:
-        p.error(f"--context {a.context!r}: expected comma-separated integers, e.g. 4,16")
     from diffumatting.models.refiner import RefinerConfig
 
     try:
-        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, band_radius=a.band_radius, context=a.context)
+        a.config = RefinerConfig(radius=a.radius, hidden=a.hidden, context=a.context)
     except ValueError as e:
         p.error(str(e))
     return a
@@ -112,10 +108,17 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
 
         rng = np.random.default_rng([seed, 19])
         size = int(rng.integers(size_min, size_max + 1))
-        d = make_sample(seed, size, camera_effects=bool(rng.random() >= CLEAN_FRACTION))
-        if int(np.argmax(np.median(d["backing"].reshape(-1, 3), 0))) != 1:
-            return None  # GreenPost keys green backings (the classical key does not see the others)
-        return d["image"], d["alpha"]
+        camera = bool(rng.random() >= CLEAN_FRACTION)
+        flat = bool(rng.random() < FLAT_FRACTION)
+        d = make_sample(seed, size, camera_effects=camera and not flat)
+        if flat:
+            a = d["alpha"][..., None]
+            key = np.median(d["backing"].reshape(-1, 3), 0)
+            image = a * d["fg"] + (1 - a) * key
+            if rng.random() < 0.5:
+                image = np.round(np.clip(image + rng.normal(0, rng.uniform(0.002, 0.01), image.shape), 0, 1) * 255) / 255
+            return np.clip(image, 0, 1).astype(np.float32), d["alpha"]
+        return d["image"], d["alpha"]  # green and blue backings: GreenPost detects either
 
     from diffumatting.models import synthetic as S
 
@@ -143,7 +146,7 @@ def sample_pixels(image, alpha_gt, config, n: int, seed: int):
     kf = key_fields(x, None, GreenPostOptions(refiner="off"))
     src = FeatureSource(image=x[None], backing=kf.backing, prior_fg=kf.prior_fg, alpha=kf.classical_alpha,
                         sig1_low=kf.sig1_low, noise_std=kf.noise_std)
-    idx = band_mask(src.alpha, config.band_radius).view(-1).nonzero().view(-1)
+    idx = band_mask(src.alpha).view(-1).nonzero().view(-1)
     if idx.numel() == 0:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -155,23 +158,40 @@ def sample_pixels(image, alpha_gt, config, n: int, seed: int):
     return f, y, f[:, alpha_column(config)].clone()
 
 
-def build_pool(args, seeds, n_per_image):
+def _pool_item(job):
+    """The sampled pixels of one composite (a worker's unit: a pure function of the job), or None."""
+    source, seed, size_min, size_max, config, n = job
+    comp = composite(source, seed, size_min, size_max)
+    return None if comp is None else sample_pixels(comp[0], comp[1], config, n, seed)
+
+
+def _worker_init() -> None:
     import torch
 
-    feats, ys, a0 = [], [], []
-    for s in seeds:
-        comp = composite(args.data, s, args.size_min, args.size_max)
-        if comp is None:
-            continue
-        image, alpha = comp
-        got = sample_pixels(image, alpha, args.config, n_per_image, s)
-        if got is not None:
-            feats.append(got[0])
-            ys.append(got[1])
-            a0.append(got[2])
-    if not feats:
+    _package.register()
+    torch.set_num_threads(1)  # one thread per worker: the same arithmetic as a single-process run
+
+
+def build_pool(args, seeds, n_per_image):
+    """Features, true alpha and classical alpha of the sampled band pixels of every composite, in seed order.
+    With --workers > 1 the composites are made and keyed by that many processes (one thread each); every
+    composite is a pure function of its seed, so the pool is the same for any number of workers."""
+    import torch
+
+    jobs = [(args.data, s, args.size_min, args.size_max, args.config, n_per_image) for s in seeds]
+    if args.workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as ex:
+            got = list(ex.map(_pool_item, jobs, chunksize=4))
+    else:
+        got = [_pool_item(j) for j in jobs]
+    got = [g for g in got if g is not None]
+    if not got:
         return None
-    return torch.cat(feats), torch.cat(ys), torch.cat(a0)
+    return tuple(torch.cat([g[i] for g in got]) for i in range(3))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -196,10 +216,24 @@ def _save_resume(path: Path, model, opt, step: int, args) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def data_version(source: str) -> str:
+    """Version of the composites a run trains on: the generator's module and its DATA_VERSION."""
+    if source == "procedural":
+        from diffumatting.training.refiner_data import DATA_VERSION
+
+        return f"training/refiner_data.py v{DATA_VERSION}"
+    return "models/synthetic.py (unversioned)"
+
+
 def _args_fingerprint(args) -> str:
-    keys = ("seed", "data", "images", "size_min", "size_max", "pixels_per_image", "steps", "batch", "lr",
-            "weight_decay", "hidden", "radius", "band_radius", "context")
-    return json.dumps({k: getattr(args, k) for k in keys}, sort_keys=True, default=str)
+    """The training configuration (every setting that changes the weights), as JSON."""
+    keys = ("seed", "data", "images", "val_images", "size_min", "size_max", "pixels_per_image", "steps", "batch",
+            "lr", "weight_decay", "hidden", "radius", "context", "threads")
+    d = {k: getattr(args, k) for k in keys}
+    d["data_version"] = data_version(args.data)
+    d["clean_fraction"] = CLEAN_FRACTION
+    d["flat_fraction"] = FLAT_FRACTION
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _load_resume(path: Path, model, opt, args) -> int:
@@ -242,8 +276,8 @@ def train(args) -> dict:
     val_seeds = [args.seed * 1_000_003 + 500_000 + i for i in range(args.val_images)]
     pool = build_pool(args, train_seeds, args.pixels_per_image)
     if pool is None:
-        raise SystemExit(f"error: none of the {args.images} training composites had an uncertain band on a green "
-                         f"backing; raise --images")
+        raise SystemExit(f"error: none of the {args.images} training composites had an uncertain band; raise "
+                         f"--images")
     X, Y, A0 = pool
     t_data = time.perf_counter() - t0
     if not args.quiet:
@@ -290,6 +324,7 @@ def train(args) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["weights_sha256"] = weights_hash(model)
     save_refiner(args.out, model, extra_meta={"trained_on": f"{args.data} composites (project generator)",
+                                              "data_version": data_version(args.data),
                                               "train_args": _args_fingerprint(args),
                                               "report": json.dumps(report, sort_keys=True)})
     resume.unlink(missing_ok=True)

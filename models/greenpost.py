@@ -60,8 +60,9 @@ OPTION_DOCS = {
     "clip_black": "Matte levels: alpha at or below this becomes 0 (fully transparent), the rest is rescaled.",
     "clip_white": "Matte levels: alpha at or above this becomes 1 (fully opaque), the rest is rescaled.",
     "refiner": "Learned refinement of the uncertain edge band (hair, fur, noise speckles): 'greenpost_refiner' "
-               "runs the small network shipped with the pack on the pixels the classical key is unsure of "
-               "(experimental: it does not beat the classical key yet); 'off' (default) keeps the classical key.",
+               "(default) runs the small network shipped with the pack on the pixels the classical key is unsure "
+               "of (alpha strictly between 0 and 1; solid interiors and clean backing stay exactly 1 and 0); "
+               "'off' keeps the classical key (faster).",
 }
 
 
@@ -74,7 +75,7 @@ class GreenPostOptions:
     edge_detail: float = 0.5
     clip_black: float = 0.0
     clip_white: float = 1.0
-    refiner: str = RefinerChoice.OFF.value  # the shipped refiner breaks the classical key's guarantees (README)
+    refiner: str = RefinerChoice.SHIPPED.value
 
     def __post_init__(self):
         choices = [c.value for c in RefinerChoice]
@@ -107,20 +108,6 @@ def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
     if f == 1:
         return x
     return F.avg_pool2d(x, f, stride=f, ceil_mode=True)
-
-
-def _min_pool(m: torch.Tensor, f: int) -> torch.Tensor:
-    """1 where the whole f x f block is 1. m: (N, 1, H, W) in {0, 1}."""
-    if f == 1:
-        return m
-    return -F.max_pool2d(-m, f, stride=f, ceil_mode=True)
-
-
-def _max_pool(m: torch.Tensor, f: int) -> torch.Tensor:
-    """Maximum over f x f blocks (ragged border blocks take what they have). m: (N, C, H, W)."""
-    if f == 1:
-        return m
-    return F.max_pool2d(m, f, stride=f, ceil_mode=True)
 
 
 def _dilate(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -233,6 +220,8 @@ def _grid_factor(H: int, W: int, target: int) -> int:
     return f
 
 
+ALL_SET = 1.0 - 1e-6  # a 0/1 mask's block mean at or above this: every pixel of the block is set (exact for
+                     # blocks below a million pixels: one unset pixel leaves at most 1 - 1/n)
 BAND_PIXELS = 1 << 20  # full-resolution work runs in row bands of about this many pixels (bounds memory)
 REACH = 1 / 100  # solid interior / clean backing: this fraction of the short side from any doubt
 CLEAN_SIGMAS = 2.0     # a block whose mean squared distance to the plate exceeds this many times the noise
@@ -356,15 +345,18 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
             not_bg = torch.maximum(not_bg, (pr > 0.5).float())
             near.mul_((pr < 0.5).float())
             held = (pr > 0.02).float()
-        acc["xl"].append(_pool(x, f))
-        acc["xx"].append(_pool(x * x, f))
-        # one pooling call: block minima (as negated maxima) of three masks, block maxima of two
-        pooled = _max_pool(torch.cat([-sure_bg, -not_bg, -seeds, near, held], 1), f)
-        acc["bg"].append(-pooled[:, 0:1])
-        acc["notbg"].append(-pooled[:, 1:2])
-        acc["seeds"].append(-pooled[:, 2:3])
-        acc["near"].append(pooled[:, 3:4])
-        acc["held"].append(pooled[:, 4:5])
+        # one pooling call: block means of the colour, its squares and five 0/1 masks; a mask's block mean is 1
+        # where the whole block is set (its block minimum) and above 0 where any pixel is (its block maximum)
+        pooled = _pool(torch.cat([x, x * x, sure_bg, not_bg, seeds, near, held], 1), f)
+        acc["xl"].append(pooled[:, 0:3])
+        acc["xx"].append(pooled[:, 3:6])
+        every = (pooled[:, 6:9] >= ALL_SET).float()
+        acc["bg"].append(every[:, 0:1])
+        acc["notbg"].append(every[:, 1:2])
+        acc["seeds"].append(every[:, 2:3])
+        anyset = (pooled[:, 9:11] > 0).float()
+        acc["near"].append(anyset[:, 0:1])
+        acc["held"].append(anyset[:, 1:2])
         r = torch.arange(y0, y1, device=dev)
         keep = (r % s == 0).nonzero().view(-1)
         acc["xs"].append(x[:, :, keep, ::s])

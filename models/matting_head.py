@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from .model_files import PICKLE_SUFFIXES
+from .model_files import read_self_describing
 
 KIND = "matting_head"
 FORMAT_VERSION = 1
@@ -380,40 +379,6 @@ class LoadedHead:
         return self.head.config
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    """Header of a safetensors file, with clear errors for pickles, truncation and other formats."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        start = fh.read(9)
-        if start[:4] == b"PK\x03\x04" or (len(start) == 9 and start[:1] == b"\x80" and start[8:9] != b"{"):
-            raise ValueError(f"{path.name} is a pickle (PyTorch .ckpt/.pt) file, which can run code when loaded "
-                             f"and is refused; save the head with save_head (safetensors)")
-        if len(start) < 9:
-            raise ValueError(f"{path.name} is truncated or empty ({size} bytes): not a complete safetensors "
-                             f"file; copy or save it again")
-        start = start[:8]
-        fh.seek(8)
-        (n,) = struct.unpack("<Q", start)
-        if n > size - 8 or n > 100_000_000:
-            raise ValueError(f"{path.name} is truncated or not a safetensors file (header claims {n} bytes, the "
-                             f"file has {size}); copy or save it again")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path.name} is not a safetensors file (unreadable header: {e})") from e
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name} is not a safetensors file (header is not an object)")
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{path.name} is not a safetensors file (malformed tensor table: {e})") from e
-    if 8 + n + end > size:
-        raise ValueError(f"{path.name} is truncated: its tensors need {8 + n + end} bytes, the file has {size}; "
-                         f"copy or save it again")
-    return header
-
-
 def _build_checked(path: Path, config: HeadConfig, header: dict) -> MattingHead:
     """The head of `config` with the file's weights: shapes and dtypes are checked against the config from
     the header first (the head is laid out on the meta device, nothing allocated), then the tensors are
@@ -449,25 +414,10 @@ def load_head(path, expected_family: str | None = None) -> LoadedHead:
     matting heads, newer formats, sizes above MAX_SIZES, weights with NaN/Inf and (with `expected_family`) a
     head for another VAE family."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"{path.name}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and "
-                         f"are refused; matting heads load from .safetensors only")
-    if not path.is_file():
-        raise ValueError(f"matting head file {str(path)!r} does not exist")
-    header = _read_safetensors_header(path)
-    meta = header.get("__metadata__") or {}
-    kind = meta.get("kind")
-    if kind != KIND:
-        raise ValueError(f"{path.name} is not a DiffuMatting matting head (its metadata kind is {kind!r}, expected "
-                         f"{KIND!r}); load checkpoints and VAEs with ComfyUI's loaders and heads with the "
-                         f"DiffuMatting head loader")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise ValueError(f"{path.name}: format_version {meta.get('format_version')!r} is not a number") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path.name} has head format version {version}; this pack reads up to {FORMAT_VERSION}: "
-                         f"update comfyui-diffumatting")
+    header, meta, _ = read_self_describing(
+        path, kind=KIND, format_version=FORMAT_VERSION, what="DiffuMatting matting head",
+        wrong_kind_hint="load checkpoints and VAEs with ComfyUI's loaders and heads with the DiffuMatting head loader",
+        save_hint="save the head with save_head (safetensors)")
     family = _check_family(meta.get("vae_family", ""), f"{path.name}: vae_family")
     if expected_family is not None:
         _check_family(expected_family, "expected VAE family")

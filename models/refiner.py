@@ -1,16 +1,19 @@
 """GreenPost's learned refinement: a small per-pixel network that corrects the classical alpha where it is
 uncertain.
 
-It reads, at each pixel of the uncertainty band, a 5 x 5 neighbourhood of the image's difference from the
-backing plate (I - B), the foreground prior's (F0 - B), the classical alpha and its separation scale, a
-3 x 3 neighbourhood of the same at coarser scales (context: 4x, and 16x if configured), and the measured
-noise level; an MLP
-predicts a correction of the classical alpha. The foreground is then unmixed again with the refined alpha
+It reads, at each pixel of the uncertainty band, a (2 radius + 1)^2 neighbourhood of the image's difference
+from the backing plate (I - B), the foreground prior's (F0 - B) and the classical alpha; the plate's colour
+and the alpha's separation scale there; a 3 x 3 neighbourhood of block averages at coarser scales (context:
+4x and 16x by default) of I - B, the classical alpha and the fractions of certainly opaque and certainly
+transparent pixels (how far the certain regions are); and the measured noise level. An MLP predicts a
+correction of the classical alpha (a residual). The foreground is then unmixed again with the refined alpha
 (models/greenpost.py).
 
-The band is where the classical alpha is strictly between 0 and 1, dilated by `band_radius` pixels. Outside
-it nothing changes; inside it the pixels are gathered and run in chunks, so time and memory scale with the
-band, not the image.
+Safe by design: the band is where the classical alpha is more than half an 8-bit step (SURE) from 0 and 1.
+Pixels the classical key marks certain (clean backing, solid interiors: 0 or 1, or so close that 8-bit
+output writes 0 or 255) are never changed, so the refined matte keeps its 0 and 255 wherever the classical
+key has them. Inside the band the pixels are gathered
+and run in chunks, so time and memory scale with the band, not the image.
 
 Files: safetensors with `kind`, `format_version` and the architecture `config` (JSON) in the metadata.
 Pickles, other kinds of file, newer formats and tensors that do not fit the config are refused.
@@ -18,7 +21,6 @@ Pickles, other kinds of file, newer formats and tensors that do not fit the conf
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,14 +29,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KIND = "diffumatting_greenpost_refiner"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: band = the uncertain pixels only, plate colour and certain-region context features
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = WEIGHTS_DIR / "greenpost_refiner.safetensors"
 CHUNK = 65536  # band pixels per forward pass (bounds the memory at any image size)
 SMOOTH = 1     # corrections are box-averaged over the band pixels of a (2 SMOOTH + 1)^2 box (tune split)
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
-COARSE_CH = 4   # pooled I-B (3), pooled classical alpha
+COARSE_CH = 6   # pooled I-B (3), classical alpha, fraction of alpha == 1, fraction of alpha == 0
+CENTRE_CH = 5   # plate colour B (3), colour-difference alpha, separation scale (centre pixel only)
+SURE = 0.5 / 255  # classical alpha within this of 0 or 1 is certain: never changed (8-bit 0 / 255 stay)
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,11 @@ class RefinerConfig:
 
     radius: int = 1            # fine neighbourhood is (2r+1)^2 pixels
     ctx_radius: int = 1        # coarse neighbourhood is (2c+1)^2 cells
-    hidden: tuple[int, ...] = (48, 24)
-    band_radius: int = 1       # dilation of the uncertain pixels
-    context: tuple[int, ...] = (4,)  # pooling factors of the context levels
+    hidden: tuple[int, ...] = (64, 32)
+    context: tuple[int, ...] = (4, 16)  # pooling factors of the context levels
 
     def __post_init__(self):
-        for name in ("radius", "ctx_radius", "band_radius"):
+        for name in ("radius", "ctx_radius"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v <= 8:
                 raise ValueError(f"refiner config {name}={v!r}: expected an integer in 0..8")
@@ -64,7 +67,7 @@ class RefinerConfig:
 
     @property
     def n_inputs(self) -> int:
-        return (FINE_CH * (2 * self.radius + 1) ** 2 + 1
+        return (FINE_CH * (2 * self.radius + 1) ** 2 + CENTRE_CH
                 + len(self.context) * COARSE_CH * (2 * self.ctx_radius + 1) ** 2 + 3)
 
     def to_json(self) -> str:
@@ -110,7 +113,7 @@ class Refiner(nn.Module):
         widest context reach, a multiple of 16 (GreenPost's bands start on multiples of 16, so the context
         levels' pooling blocks stay aligned with the whole image's)."""
         reach = max([f * (self.config.ctx_radius + 1) for f in self.config.context]
-                    + [self.config.radius + self.config.band_radius + SMOOTH + 1])
+                    + [self.config.radius + SMOOTH + 1])
         return max(32, -(-reach // 16) * 16)
 
     def num_parameters(self) -> int:
@@ -137,12 +140,20 @@ def alpha_column(config: RefinerConfig) -> int:
 
 # ----------------------------------------------------------------------------------------------- features
 
-def band_mask(alpha: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pixels to refine: classical alpha strictly inside (0, 1), dilated by `radius`. alpha (1, 1, H, W)."""
-    unsure = ((alpha > 0) & (alpha < 1)).float()
-    if radius > 0:
-        unsure = F.max_pool2d(unsure, 2 * radius + 1, stride=1, padding=radius)
-    return unsure > 0
+def band_mask(alpha: torch.Tensor) -> torch.Tensor:
+    """Pixels to refine: classical alpha more than SURE from 0 and 1. alpha (1, 1, H, W) -> bool (1, 1, H, W)."""
+    return (alpha > SURE) & (alpha < 1 - SURE)
+
+
+def colour_difference_alpha(image: torch.Tensor, backing: torch.Tensor) -> torch.Tensor:
+    """Colour-difference (Vlahos) alpha against the local plate: 1 - e(I) / e(B), e(x) the plate's dominant
+    channel minus the larger of the other two. image, backing (N, 3) -> (N,), clamped to [-1, 2]."""
+    p = backing.argmax(1, keepdim=True)
+    sel = torch.ones_like(backing, dtype=torch.bool).scatter_(1, p, False)
+
+    def excess(x):
+        return x.gather(1, p)[:, 0] - x.masked_fill(~sel, -1.0).max(1).values
+    return (1.0 - excess(image) / excess(backing).clamp_min(0.02)).clamp(-1.0, 2.0)
 
 
 def _neighbourhoods(maps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, r: int) -> torch.Tensor:
@@ -180,16 +191,19 @@ class FeatureSource:
     _coarse: dict = field(init=False, default_factory=dict)
 
     def coarse(self, f: int) -> torch.Tensor:
-        """Pooled (I - B, alpha) at factor f, (1, 4, ceil(H/f), ceil(W/f)); computed once per factor."""
+        """Block averages at factor f of (I - B, alpha, alpha == 1, alpha == 0), (1, 6, ceil(H/f), ceil(W/f));
+        computed once per factor."""
         if f not in self._coarse:
-            pooled = [F.avg_pool2d(t, f, stride=f, ceil_mode=True) for t in (self.image, self.backing, self.alpha)]
-            self._coarse[f] = torch.cat([pooled[0] - pooled[1], pooled[2]], 1)
+            t = torch.cat([self.image - self.backing, self.alpha, (self.alpha >= 1).float(),
+                           (self.alpha <= 0).float()], 1)
+            self._coarse[f] = F.avg_pool2d(t, f, stride=f, ceil_mode=True)
         return self._coarse[f]
 
 
 def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
     """Feature vectors (N, config.n_inputs) at the pixels (ys, xs): the fine neighbourhood (offset-major:
-    I-B, F0-B, alpha), the separation scale, the coarse neighbourhood and log10 of the noise deviations."""
+    I-B, F0-B, alpha), the plate colour, the colour-difference alpha and the separation scale at the pixel,
+    the coarse neighbourhoods and log10 of the noise deviations."""
     H, W = src.alpha.shape[-2:]
     n = ys.numel()
     r = config.radius
@@ -208,14 +222,16 @@ def features(src: FeatureSource, ys: torch.Tensor, xs: torch.Tensor, config: Ref
         ctx.append(_neighbourhoods([src.coarse(f)], torch.div(ys, f, rounding_mode="floor"),
                                    torch.div(xs, f, rounding_mode="floor"), config.ctx_radius))
     noise = torch.log10(src.noise_std.clamp_min(1e-4)).view(1, 3).expand(n, 3)
-    return torch.cat([g, sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
+    plate = src.backing[0, :, ys, xs].t()
+    cd = colour_difference_alpha(src.image[0, :, ys, xs].t(), plate)
+    return torch.cat([g, plate, cd.view(n, 1), sig.view(n, 1).clamp(0, 1), *ctx, noise], 1)
 
 
 def refine_alpha(model: Refiner, src: FeatureSource, smooth: int = SMOOTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Refined alpha (1, 1, H, W) and the band (1, 1, H, W) bool it was changed in; elsewhere the classical
     alpha is returned bit for bit. The per-pixel corrections are averaged over the band pixels of a
     (2 smooth + 1)^2 box (default SMOOTH), which removes their pixel-to-pixel noise."""
-    band = band_mask(src.alpha, model.config.band_radius)
+    band = band_mask(src.alpha)
     idx = band.view(-1).nonzero().view(-1)
     if idx.numel() == 0:
         return src.alpha.clone(), band
@@ -284,27 +300,18 @@ def load_refiner(path=SHIPPED) -> Refiner:
     files, files that are not GreenPost refiners, newer formats and tensors that do not fit the config."""
     from safetensors.torch import load_file
 
-    from .matting_head import PICKLE_SUFFIXES, _read_safetensors_header
+    from .model_files import read_self_describing
 
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(f"{path.name}: pickle files ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded and "
-                         f"are refused; GreenPost refiners load from .safetensors only")
-    if not path.is_file():
-        raise ValueError(f"GreenPost refiner file {os.fspath(path)!r} does not exist; reinstall the pack (the "
-                         f"shipped weights are models/weights/greenpost_refiner.safetensors) or use refiner 'off'")
-    header = _read_safetensors_header(path)
-    meta = header.get("__metadata__") or {}
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{path.name} is not a GreenPost refiner (its metadata kind is {meta.get('kind')!r}, "
-                         f"expected {KIND!r}); train one with train_refiner.py")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise ValueError(f"{path.name}: format_version {meta.get('format_version')!r} is not a number") from None
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path.name} has refiner format version {version}; this pack reads up to "
-                         f"{FORMAT_VERSION}: update comfyui-diffumatting")
+    _, meta, version = read_self_describing(
+        path, kind=KIND, format_version=FORMAT_VERSION, what="GreenPost refiner",
+        wrong_kind_hint="train one with train_refiner.py", save_hint="save refiners with save_refiner (safetensors)",
+        missing_hint="reinstall the pack (the shipped weights are models/weights/greenpost_refiner.safetensors) or "
+                     "use refiner 'off'")
+    if version < FORMAT_VERSION:
+        raise ValueError(f"{path.name} has refiner format version {version}, from an earlier version of the pack "
+                         f"whose refiner read other inputs; this pack reads format {FORMAT_VERSION}: retrain it "
+                         f"with train_refiner.py or use the shipped weights")
     config = RefinerConfig.from_json(meta.get("config", ""))
     model = Refiner(config)
     tensors = load_file(str(path))

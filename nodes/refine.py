@@ -23,7 +23,7 @@ TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that co
 
 
 def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white,
-             refiner=RefinerChoice.OFF.value) -> GreenPostOptions:
+             refiner=RefinerChoice.SHIPPED.value) -> GreenPostOptions:
     mode = enum_value(KeyMode, key_mode, "key_mode")
     key = parse_hex_color(key_color) if mode is KeyMode.PICKED else None
     return GreenPostOptions(key_color=key, spill_strength=float(spill_strength), edge_detail=float(edge_detail),
@@ -66,7 +66,7 @@ class GreenPost(io.ComfyNode):
                                tooltip=OPTION_DOCS["clip_black"]),
                 io.Float.Input("clip_white", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip=OPTION_DOCS["clip_white"]),
-                io.Combo.Input("refiner", options=enum_options(RefinerChoice), default=RefinerChoice.OFF.value,
+                io.Combo.Input("refiner", options=enum_options(RefinerChoice), default=RefinerChoice.SHIPPED.value,
                                optional=True,  # added after 0.1: saved API prompts without it keep working
                                tooltip=OPTION_DOCS["refiner"]),
             ],
@@ -97,7 +97,7 @@ class GreenPost(io.ComfyNode):
     @classmethod
     def execute(cls, image, alpha_prior=None, key_mode=KeyMode.AUTO.value, key_color="#00b140",
                 spill_strength=1.0, edge_detail=0.5, clip_black=0.0,
-                clip_white=1.0, refiner=RefinerChoice.OFF.value) -> io.NodeOutput:
+                clip_white=1.0, refiner=RefinerChoice.SHIPPED.value) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 

@@ -95,9 +95,18 @@ def test_loader_refuses_unknown_formats(tmp_path):
 
     meta = {"kind": R.KIND, "format_version": str(R.FORMAT_VERSION + 1), "config": model.config.to_json()}
     save_file(load_file(str(newer)), str(newer), metadata=meta)
-    with pytest.raises(ValueError, match="format version 2; this pack reads up to 1"):
+    with pytest.raises(ValueError, match=f"format version {R.FORMAT_VERSION + 1}; this pack reads up to "
+                                         f"{R.FORMAT_VERSION}"):
         R.load_refiner(newer)
-    meta.update(format_version="1", config='{"radius": 1, "colour": 3}')
+    meta.update(format_version=str(R.FORMAT_VERSION - 1))  # an earlier pack's refiner read other inputs
+    save_file(load_file(str(newer)), str(newer), metadata=meta)
+    with pytest.raises(ValueError, match="format version 1, from an earlier version of the pack.*retrain"):
+        R.load_refiner(newer)
+    meta.update(format_version="x")
+    save_file(load_file(str(newer)), str(newer), metadata=meta)
+    with pytest.raises(ValueError, match="format_version 'x' is not a number"):
+        R.load_refiner(newer)
+    meta.update(format_version=str(R.FORMAT_VERSION), config='{"radius": 1, "colour": 3}')
     save_file(load_file(str(newer)), str(newer), metadata=meta)
     with pytest.raises(ValueError, match="unknown keys"):
         R.load_refiner(newer)
@@ -109,7 +118,7 @@ def test_loader_refuses_wrong_shapes_and_nan(tmp_path):
     model = _small()
     path = R.save_refiner(tmp_path / "r.safetensors", model)
     tensors = load_file(str(path))
-    meta = {"kind": R.KIND, "format_version": "1", "config": model.config.to_json()}
+    meta = {"kind": R.KIND, "format_version": str(R.FORMAT_VERSION), "config": model.config.to_json()}
     tensors["mlp.0.weight"] = torch.zeros(9, model.config.n_inputs)
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"wrong shape \['mlp.0.weight \(9, .*\) != \(8, "):
@@ -144,13 +153,36 @@ def test_refiner_changes_only_the_uncertain_band():
     fg_on, a_on = greenpost(img, options=GreenPostOptions(refiner="greenpost_refiner"))
     # the band is where the classical alpha (the refiner-off output, matte levels at their defaults) is
     # strictly between 0 and 1, dilated
-    band = R.band_mask(a_off[None], R.load_refiner().config.band_radius)[0, 0]
+    band = R.band_mask(a_off[None])[0, 0]
     outside = ~band
     assert bool(outside.any()) and bool(band.any())
     assert torch.equal(a_on[0][outside], a_off[0][outside])
     assert torch.equal(fg_on[0][outside], fg_off[0][outside])
     assert float((a_on[0][band] - a_off[0][band]).abs().max()) > 1e-3  # it does act inside the band
     assert float(a_on.min()) >= 0 and float(a_on.max()) <= 1
+
+
+@pytest.mark.parametrize("bias", [-8.0, 8.0])
+def test_refiner_never_changes_what_the_classical_key_is_sure_of(bias):
+    """Safe by design: even a network that pushes every band pixel to 0 or to 1 leaves the pixels the classical
+    key marks certain (0 or 1, or within half an 8-bit step of them) as they are, so solid interiors and clean
+    backing keep their 255 and 0 in 8-bit output."""
+    import diffumatting.models.greenpost as gp
+
+    model = _small(5)
+    with torch.no_grad():
+        model.mlp[-1].bias.fill_(bias)
+
+    def refine(x, kf):
+        return R.refine_fields(model, x, kf)
+    refine.halo = model.halo()
+    rgb = torch.from_numpy(make_composite(96, 128, 7, REALISTIC).image)
+    _, a_off = gp._key_one(rgb, None, GreenPostOptions(refiner="off"))
+    _, a_on = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
+    sure = (a_off <= R.SURE) | (a_off >= 1 - R.SURE)
+    assert int((a_off == 0).sum()) > 1000 and int((a_off == 1).sum()) > 500 and bool((~sure).any())
+    assert torch.equal(a_on[sure], a_off[sure])
+    assert float((a_on[~sure] - a_off[~sure]).abs().mean()) > 0.1  # the hostile network did act on the band
 
 
 def test_refine_alpha_with_an_empty_band_is_the_identity():
@@ -209,7 +241,7 @@ def test_two_step_training_is_deterministic(tmp_path):
     (["--steps", "0"], "--steps 0 is outside"),
     (["--out", "w.pt"], "ending in .safetensors"),
     (["--size-min", "300", "--size-max", "100"], "above --size-max"),
-    (["--lr", "0"], "--lr 0.0 must be in"),
+    (["--lr", "0"], "--lr 0 is outside (0, 1]"),
     (["--hidden", "a,b"], "comma-separated integers"),
     (["--radius", "9"], "--radius 9 is outside"),
     (["--data", "shared"], "invalid choice: 'shared'"),
@@ -227,9 +259,9 @@ def test_training_help_documents_every_flag():
 
 # --- defaults: options, node, CLI, matting decode ------------------------------------------------------------
 
-# The shipped refiner does not beat the classical key on the benchmark yet, so every entry point defaults to
-# 'off' (the classical key) and offers 'greenpost_refiner'; these tests pin that one default everywhere.
-DEFAULT = RefinerChoice.OFF.value
+# Every entry point (options, node, CLI, the matting decode's GreenPost step) refines with the shipped network
+# by default and offers 'off' (the classical key); these tests pin that one default everywhere.
+DEFAULT = RefinerChoice.SHIPPED.value
 
 
 def test_options_refiner_default_and_choices():
@@ -260,9 +292,9 @@ def test_node_refiner_default_and_choices(comfy_host):
     _, a_off = greenpost(image, options=GreenPostOptions(refiner="off"))
     assert not torch.equal(a_on, a_off)
     _, a_node, _, _ = refine.GreenPost.execute(image).result
-    assert torch.equal(a_node, a_off)
-    _, a_node_on, _, _ = refine.GreenPost.execute(image, refiner="greenpost_refiner").result
-    assert torch.equal(a_node_on, a_on)
+    assert torch.equal(a_node, a_on)
+    _, a_node_off, _, _ = refine.GreenPost.execute(image, refiner="off").result  # saved workflows' old value
+    assert torch.equal(a_node_off, a_off)
     with pytest.raises(ValueError, match="refiner='best' is not one of"):
         refine.GreenPost.execute(image, refiner="best")
 
