@@ -20,7 +20,9 @@
    collection and the server's event loop). Every path meets the pause (it follows the clock, not the
    client; at >10 s per sample nearly every sample); the overhead figure is the median over the samples no
    collection followed, beside the median over all (which swings with how many samples each path had
-   paused). The bench stops with an error when a path has no such sample.
+   paused). The bench stops with an error when a path has no such sample (on a machine so loaded that
+   every sample takes over 10 s): then run it with `--server-gc off`, which makes the overhead server's
+   gc.collect() a no-op (every sample is then unpaused, in every path; the kill run is unchanged).
    Also printed: client CPU per sample (this process) and the dataset's own per-sample work (decoding,
    scores, trimap, PNG encoding; worker threads, overlapping the next prompt at depth 2).
 2. Two servers, one killed (SIGKILL) after its first finished sample: every id exactly once in the manifest.
@@ -157,6 +159,20 @@ def gc_followed(entries: dict) -> tuple[set[str], dict[str, tuple[float, float]]
     return followed, stamps
 
 
+# Runs ComfyUI's main.py with gc.collect made a no-op, so the prompt worker's post-prompt collection (the ~1 s
+# pause) is gone for every path alike; Python's automatic generational collections still run.
+_NO_COLLECT = ("import gc, runpy, sys; gc.collect = lambda generation=2: 0; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+class NoCollectServer(ComfyServer):
+    """A ComfyUI server whose explicit gc.collect() calls do nothing (`--server-gc off`)."""
+
+    def command(self) -> list[str]:
+        python, *rest = super().command()
+        return [python, "-c", _NO_COLLECT, *rest]
+
+
 def one_step_workflow() -> dict:
     from diffumatting.factory.demo import tiny_workflow
 
@@ -172,7 +188,7 @@ def _med_ms(values) -> float | None:
     return statistics.median(values) * 1e3 if values else None
 
 
-def overhead(url: str, rounds: int, per_round: int, out: Path) -> dict:
+def overhead(url: str, rounds: int, per_round: int, out: Path, server_gc: bool = True) -> dict:
     workflow = one_step_workflow()
     info = asyncio.run(fetch_object_info(Server(url)))
     plan = plan_workflow(ui_to_api(workflow, info), info)
@@ -203,7 +219,7 @@ def overhead(url: str, rounds: int, per_round: int, out: Path) -> dict:
             f"{p} residual {_med_ms(x['wall_s'] - x['exec_s'] for x in samples[p][-per_round:]):.0f} ms"
             for p in PATHS) + f" | server execution ~{_med_ms(x['exec_s'] for x in samples['hand']) / 1e3:.2f} s",
             flush=True)
-    followed, _ = gc_followed(history(url))
+    followed = gc_followed(history(url))[0] if server_gc else set()
     return summarize(samples, cpu, followed)
 
 
@@ -281,6 +297,10 @@ def main(argv):
     p.add_argument("--rounds", type=int, default=6, help="rounds; each runs every path once (default 6)")
     p.add_argument("--per-round", type=int, default=4, help="samples per round and path (default 4)")
     p.add_argument("--kill-samples", type=int, default=6, help="samples in the kill run (default 6; 0 = no kill run)")
+    p.add_argument("--server-gc", choices=("on", "off"), default="on",
+                   help="on: the server as shipped (samples are split by its post-prompt collection); off: the "
+                        "overhead server's gc.collect() is a no-op, so no sample pauses (for a machine so loaded "
+                        "that every sample takes over 10 s and is followed by a collection)")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.per_round < 1 or a.kill_samples < 0 or a.kill_samples % 2:
         p.error(f"--rounds {a.rounds} and --per-round {a.per_round} must be >= 1, --kill-samples {a.kill_samples} "
@@ -293,7 +313,7 @@ def main(argv):
         base = tiny_base(tmp / "base")
         for sub in ("out_b", "temp_b", "user_b"):
             (tmp / sub).mkdir()
-        servers = [ComfyServer(base)]
+        servers = [(ComfyServer if a.server_gc == "on" else NoCollectServer)(base)]
         if a.kill_samples:
             servers.append(ComfyServer(base, extra_args=(
                 "--output-directory", str(tmp / "out_b"), "--temp-directory", str(tmp / "temp_b"),
@@ -302,7 +322,8 @@ def main(argv):
         [t.start() for t in threads]
         [t.join() for t in threads]
         try:
-            res = overhead(servers[0].url, a.rounds, a.per_round, tmp)
+            res = overhead(servers[0].url, a.rounds, a.per_round, tmp, server_gc=a.server_gc == "on")
+            res["server_gc"] = a.server_gc
             print(json.dumps(_rounded(res), indent=1))
             ok = kill_run(servers[0], servers[1], tmp, a.kill_samples) if a.kill_samples else None
         finally:
