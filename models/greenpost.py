@@ -228,9 +228,17 @@ CLEAN_SIGMAS = 2.0     # a block whose mean squared distance to the plate exceed
                        # variance (plus 0.01^2) is not clean backing
 
 
-def _noise_var(xs: torch.Tensor, ms: torch.Tensor, B_low: torch.Tensor) -> torch.Tensor:
+NOISE_BLOCK = 4  # the noise is measured against the plate averaged over blocks of at least this many pixels
+
+
+def _noise_var(xs: torch.Tensor, ms: torch.Tensor, B_low: torch.Tensor, f: int) -> torch.Tensor:
     """Per-channel noise variance on the backing: median squared residual to the plate / chi2(1) median,
-    on a strided subsample xs (1, 3, hs, ws) of the image with its sure-backing mask ms (1, 1, hs, ws)."""
+    on a strided subsample xs (1, 3, hs, ws) of the image with its sure-backing mask ms (1, 1, hs, ws).
+    On a grid finer than NOISE_BLOCK pixels (small images, f < NOISE_BLOCK) the plate follows the backing
+    pixels, noise included: it is averaged over NOISE_BLOCK-pixel blocks first, as a coarser grid does."""
+    k = NOISE_BLOCK // f
+    if k > 1:
+        B_low = _up(F.avg_pool2d(B_low, k, stride=k, ceil_mode=True), tuple(B_low.shape[-2:]))
     r2 = ((xs - _up(B_low, tuple(xs.shape[-2:]))) ** 2).reshape(3, -1)[:, ms.reshape(-1) > 0]
     if r2.shape[1] < 16:
         return torch.full((3,), 1e-4, device=xs.device)
@@ -330,33 +338,37 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
 
     # pass 1: block means and second moments, and which blocks are sure backing / object / seeds
     acc = {k: [] for k in ("xl", "xx", "bg", "notbg", "seeds", "near", "held", "xs", "ms")}
+    n_masks = 5 if prior is not None else 4  # without a prior nothing is held
     for y0, y1 in bands:
-        x = _rows(rgb, y0, y1)
+        # one buffer, one pooling call: the colour, its squares and 0/1 masks; a mask's block mean is 1 where the
+        # whole block is set (its block minimum) and above 0 where any pixel is (its block maximum)
+        buf = torch.empty(1, 6 + n_masks, y1 - y0, W, device=dev)
+        x = buf[:, 0:3]
+        x.copy_(rgb[y0:y1].permute(2, 0, 1)[None]).clamp_(0, 1)
+        torch.mul(x, x, out=buf[:, 3:6])
         _, screen = _screen(x, p, o, e_key, kp)
-        sure_bg = (screen > 0.8).float()
-        not_bg = (screen < 0.25).float()
-        seeds = (screen < 0.1).float()
-        near = (screen > 0.35).float()
-        held = torch.zeros_like(near)
+        sure_bg, not_bg, seeds, near = (buf[:, k:k + 1] for k in range(6, 10))
+        sure_bg.copy_(screen > 0.8)
+        not_bg.copy_(screen < 0.25)
+        seeds.copy_(screen < 0.1)
+        near.copy_(screen > 0.35)
         if prior is not None:
             pr = prior[y0:y1][None, None]
             sure_bg.mul_((pr < 0.1).float())
-            seeds = torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float())
-            not_bg = torch.maximum(not_bg, (pr > 0.5).float())
+            seeds.copy_(torch.maximum(seeds * (pr > 0.5).float(), (pr > 0.95).float()))
+            not_bg.copy_(torch.maximum(not_bg, (pr > 0.5).float()))
             near.mul_((pr < 0.5).float())
-            held = (pr > 0.02).float()
-        # one pooling call: block means of the colour, its squares and five 0/1 masks; a mask's block mean is 1
-        # where the whole block is set (its block minimum) and above 0 where any pixel is (its block maximum)
-        pooled = _pool(torch.cat([x, x * x, sure_bg, not_bg, seeds, near, held], 1), f)
+            buf[:, 10:11].copy_(pr > 0.02)
+        pooled = _pool(buf, f)
         acc["xl"].append(pooled[:, 0:3])
         acc["xx"].append(pooled[:, 3:6])
         every = (pooled[:, 6:9] >= ALL_SET).float()
         acc["bg"].append(every[:, 0:1])
         acc["notbg"].append(every[:, 1:2])
         acc["seeds"].append(every[:, 2:3])
-        anyset = (pooled[:, 9:11] > 0).float()
+        anyset = (pooled[:, 9:6 + n_masks] > 0).float()
         acc["near"].append(anyset[:, 0:1])
-        acc["held"].append(anyset[:, 1:2])
+        acc["held"].append(anyset[:, 1:2] if prior is not None else torch.zeros_like(anyset[:, 0:1]))
         r = torch.arange(y0, y1, device=dev)
         keep = (r % s == 0).nonzero().view(-1)
         acc["xs"].append(x[:, :, keep, ::s])
@@ -368,7 +380,7 @@ def _plan(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOptions) 
     B_low, has = pull_push(xl * m_bg, m_bg)
     if not has:
         B_low = key.view(1, 3, 1, 1).expand_as(xl).clone()
-    var_n = _noise_var(xs, ms, B_low)
+    var_n = _noise_var(xs, ms, B_low, f)
 
     # blocks that differ clearly from the plate (objects of the key's own hue), and blocks off the plate by
     # more than the noise (not clean backing), from the blocks' mean squared distance to the plate,
@@ -555,9 +567,9 @@ def _check_image(image) -> torch.Tensor:
     if not image.is_floating_point():
         raise ValueError(f"image dtype {image.dtype}: expected floats in [0, 1]; convert with image.float() / 255")
     img = image.float()
-    if not bool(torch.isfinite(img).all()):
+    lo, hi = (float(v) for v in torch.aminmax(img))  # one pass; NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("image contains NaN or infinite values: expected finite floats in [0, 1]")
-    lo, hi = float(img.min()), float(img.max())
     if lo < -0.01 or hi > 1.01:
         raise ValueError(f"image values span [{lo:.3g}, {hi:.3g}]: expected [0, 1]"
                          + ("; divide 8-bit images by 255" if hi > 1.5 else ""))

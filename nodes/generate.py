@@ -16,6 +16,7 @@ from ..models.prompting import DEFAULT_GREEN_PHRASE, GREEN_WORD, add_green_phras
 from ..models.unet_layout import Layout, check_compatible, detect_layout, to_ldm
 from ..models.model_files import check_model_name
 from ._files import model_files, resolve_model_file
+from ._green_kv import GREEN_TOKENS_KEY, positions_of, splice_green
 from ._schema import CATEGORY, enum_options, schema
 
 FAMILY = f"{CATEGORY}/generate"
@@ -193,7 +194,9 @@ class GreenPrompt(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output("conditioning", display_name="conditioning",
-                                       tooltip="The encoded prompt (core's encode of the full text)."),
+                                       tooltip="The encoded prompt (core's encode of the full text), with the "
+                                               "positions of the word 'green' recorded for the LoRA stack's "
+                                               "green token k/v protection."),
                 io.String.Output("prompt", display_name="prompt", tooltip="The full text that was encoded."),
             ],
         )
@@ -203,7 +206,11 @@ class GreenPrompt(io.ComfyNode):
         if clip is None:
             raise ValueError("clip is None: the checkpoint has no text encoder; load one with a CLIP loader")
         full = add_green_phrase(text, green_phrase)
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize(full))
+        tokens = clip.tokenize(full)
+        positions = green_tokens(clip, tokens)
+        cond = clip.encode_from_tokens_scheduled(tokens)
+        cond = splice_green(cond, clip, tokens, positions_of({GREEN_TOKENS_KEY: positions}))
+        cond = [[c, {**extra, GREEN_TOKENS_KEY: positions}] for c, extra in cond]
         return io.NodeOutput(cond, full)
 
 

@@ -7,22 +7,32 @@ Green protection: the DiffuMatting UNet learns the green backing through the cro
 "green" token (the paper's green-background control loss acts on those attention maps), so the backing is
 decided where text reaches the image, in the cross-attention layers (attn2). Protection scales a style
 LoRA's deltas in those layers by (1 - green_protection) and keeps its other deltas (self-attention,
-convolutions, feed-forward, text encoder), where most of a style lives.
+convolutions, feed-forward, text encoder), where most of a style lives. The "green token k/v" mode is
+narrower: the LoRA is applied whole, and only its change to the key and value of the "green" token (the
+positions Green Canvas Prompt records) is removed, inside the attention layers while sampling; every other
+token's key and value keep the LoRA's change exactly (models/green_protection.py, nodes/_green_kv.py).
 """
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 from comfy_api.latest import io
 
+from . import _green_kv
 from ._files import model_files, resolve_model_file
-from ._schema import CATEGORY, schema
+from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/generate"
 ROWS = 4
 NONE = "None"
 CROSS_ATTENTION_MARK = "attn2"
 LoraStackType = io.Custom("LORA_STACK")
+
+
+class ProtectionMode(str, Enum):
+    CROSS_ATTENTION = "all cross-attention"
+    GREEN_KV = "green token k/v"
 
 
 def lora_files() -> list[str]:
@@ -115,19 +125,42 @@ def _patch_count(model, clip) -> int | None:
 
 
 def apply_stack(model, clip, stack, model_only: bool = False, green_protection: float = 0.0,
-                unprotected: frozenset[int] = frozenset()):
+                unprotected: frozenset[int] = frozenset(),
+                mode: ProtectionMode = ProtectionMode.CROSS_ATTENTION):
     """Apply every (name, model_strength, clip_strength) of `stack` in order; returns (model, clip).
 
     Entries whose index is in `unprotected` are applied at full strength whatever `green_protection` is
     (a LoRA trained with the DiffuMatting trainer must never be damped). A LoRA that matches none of the
-    weights it is applied to is an error (another model family)."""
+    weights it is applied to is an error (another model family). In GREEN_KV mode each LoRA is applied
+    whole and `green_protection` of its key/value change on the green token is removed while sampling."""
+    mode = ProtectionMode(mode)
+    if not 0.0 <= float(green_protection) <= 1.0:
+        raise ValueError(f"green_protection {green_protection} must be in 0..1")
+    green_kv = {}
+    clip_in = clip
+    earlier = _green_kv.green_clip_of(clip) if clip is not None and not model_only else None
+    green_clip, amount = _start_green_clip(clip, earlier, mode, float(green_protection), model_only)
+    clip_protected = False
     for i, (name, ms, cs) in enumerate(normalise_stack(stack)):
         if ms == 0 and (cs == 0 or model_only or clip is None):
             continue
         lora = load_lora_file(name)
         protection = 0.0 if i in unprotected else green_protection
         before = _patch_count(model, None if model_only else clip)
-        model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, protection)
+        model_in = model
+        if mode is ProtectionMode.GREEN_KV:
+            model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, 0.0)
+            if protection > 0 and ms != 0:
+                _green_kv.require_unet(model)
+                for layer, d in _green_kv.kv_deltas(model_in, model, protection).items():
+                    green_kv[layer] = green_kv[layer].plus(d) if layer in green_kv else d
+        else:
+            model, clip_out = apply_lora(model, None if model_only else clip, lora, ms, cs, protection)
+        if green_clip is not None and cs != 0:
+            if mode is ProtectionMode.GREEN_KV and protection > 0:
+                clip_protected = True
+            else:  # unprotected: the green token gets it too
+                green_clip = apply_lora(None, green_clip, lora, 0.0, cs)[1]
         if before is not None and _patch_count(model, None if model_only else clip_out) == before:
             raise ValueError(f"LoRA {name!r} matches none of the weights of this "
                              f"{'MODEL' if model_only or clip is None else 'MODEL or CLIP'}: it was made for another "
@@ -135,7 +168,24 @@ def apply_stack(model, clip, stack, model_only: bool = False, green_protection: 
                              f"LoRA trained for this checkpoint")
         if not model_only:
             clip = clip_out
+    _green_kv.install(model, green_kv)
+    if green_clip is not None and clip is not clip_in and (clip_protected or earlier is not None):
+        _green_kv.attach_green_clip(clip, _green_kv.GreenClip(green_clip, amount))
     return model, clip
+
+
+def _start_green_clip(clip, earlier, mode: ProtectionMode, amount: float, model_only: bool):
+    """(the CLIP the green token is encoded with, the amount Green Canvas Prompt moves it), or (None, 0)
+    when there is none to keep: the one an earlier GREEN_KV stack attached to `clip`, else in GREEN_KV mode
+    the incoming CLIP."""
+    kv = mode is ProtectionMode.GREEN_KV and amount > 0 and not model_only and clip is not None
+    if earlier is not None:
+        if kv and earlier.amount != amount:
+            raise ValueError(f"this CLIP comes from a LoRA stack with green_protection {earlier.amount} in 'green "
+                             f"token k/v' mode and this stack has {amount}; chained stacks in that mode need the "
+                             "same green_protection")
+        return earlier.clip, earlier.amount
+    return (clip, amount) if kv else (None, 0.0)
 
 
 def _row_inputs() -> list:
@@ -166,8 +216,9 @@ class LoraStack(io.ComfyNode):
             category=FAMILY,
             description=f"Applies up to {ROWS} LoRAs (rows: file, on/off, model and clip strength) plus any "
                         "incoming LORA_STACK, with core's LoRA loading. Chain stacks through lora_stack for "
-                        "more rows. green_protection keeps style LoRAs from repainting the green backing "
-                        "by scaling their cross-attention deltas; a row's protect switch opts it out.",
+                        "more rows. green_protection keeps style LoRAs from repainting the green backing: "
+                        "by scaling their cross-attention deltas, or (protection_mode 'green token k/v') by "
+                        "removing only their change to the word 'green'; a row's protect switch opts it out.",
             search_aliases=["lora stack", "lora stacker", "multiple loras", "lora loader", "style lora"],
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion MODEL to patch (a clone is returned)."),
@@ -183,6 +234,13 @@ class LoraStack(io.ComfyNode):
                                        "deltas down, where the green backing is decided, keeping the rest "
                                        "of the style."),
                 *_row_inputs(),
+                io.Combo.Input("protection_mode", options=enum_options(ProtectionMode),
+                               default=ProtectionMode.CROSS_ATTENTION.value,
+                               tooltip="How green_protection acts. all cross-attention: scale every "
+                                       "cross-attention delta of the LoRAs. green token k/v: apply the LoRAs "
+                                       "whole and remove only their change to the key and value of the word "
+                                       "'green' while sampling (SD1.x/SDXL; encode the prompt with Green Canvas "
+                                       "Prompt, which records where 'green' is)."),
             ],
             outputs=[
                 io.Model.Output("MODEL", display_name="MODEL", tooltip="The MODEL with the LoRAs applied."),
@@ -198,7 +256,7 @@ class LoraStack(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip=None, lora_stack=None, model_only=False, green_protection=0.0,
-                **rows) -> io.NodeOutput:
+                protection_mode=ProtectionMode.CROSS_ATTENTION.value, **rows) -> io.NodeOutput:
         stack = normalise_stack(lora_stack)
         unprotected = set()
         for i in range(1, ROWS + 1):
@@ -214,7 +272,8 @@ class LoraStack(io.ComfyNode):
             stack.append((str(name), ms, cs))
         out_model, out_clip = apply_stack(model, clip, stack, model_only=bool(model_only),
                                           green_protection=float(green_protection),
-                                          unprotected=frozenset(unprotected))
+                                          unprotected=frozenset(unprotected),
+                                          mode=enum_value(ProtectionMode, protection_mode, "protection_mode"))
         return io.NodeOutput(out_model, out_clip, stack)
 
 

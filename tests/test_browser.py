@@ -199,3 +199,45 @@ def test_filename_tokens_from_the_page(page, comfy_server, server_models):
     assert [f.relative_to(comfy_server.base / "output").as_posix() for f in files] == \
         [f"tokens/{today}/{sample}_x_00001_.png"]
     assert files[0].is_file()
+
+
+MISSING_FILES = [  # (workflow, loader node, its file widget, a name the server lacks, where the page names the folder)
+    ("transparent_sd15_diffumatting", "DiffuMattingUNetLoader", 0, "my_unet.safetensors", "error"),
+    ("transparent_sd15_diffumatting", "DiffuMattingHeadLoader", 0, "my_head.safetensors", "error"),
+    ("transparent_sdxl", "CheckpointLoaderSimple", 0, "my_pony_finetune.safetensors", "note"),
+    ("transparent_sd15", "CheckpointLoaderSimple", 0, "my_sd15_finetune.safetensors", "note"),
+]
+
+
+@pytest.mark.parametrize("stem,node_type,index,name,folder_in", MISSING_FILES,
+                         ids=[f"{m[0]}-{m[1]}" for m in MISSING_FILES])
+def test_missing_model_file_is_named_in_the_page(page, comfy_server, server_models, stem, node_type, index, name,
+                                                  folder_in):
+    """Queued from the page with a model file the server lacks: nothing runs, and the page's node errors name
+    the file. The pack's loaders name the folder in the error; for core's loaders (whose message lists the
+    files it has) the workflow's Note, shown beside them, names the folder."""
+    from fixtures_host import shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / f"{stem}.json").read_text()),
+                               server_models["workflow_loras"].get(stem))
+    node = next(n for n in workflow["nodes"] if n["type"] == node_type)
+    node["widgets_values"][index] = name
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+    before = _history_ids(comfy_server)
+    page.evaluate("async () => { window.app.lastNodeErrors = null; await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => window.app.lastNodeErrors && Object.keys(window.app.lastNodeErrors).length",
+                           timeout=60_000)
+    errors = page.evaluate("() => window.app.lastNodeErrors")
+    assert list(errors) == [str(node["id"])], f"only the loader is in error: {errors}"
+    text = json.dumps(errors[str(node["id"])])
+    assert name in text, f"the page's error does not name {name}: {text}"
+    folder = {"DiffuMattingUNetLoader": "models/diffumatting", "DiffuMattingHeadLoader": "diffumatting",
+              "CheckpointLoaderSimple": "ComfyUI/models/checkpoints/"}[node_type]
+    if folder_in == "error":
+        assert folder in text, f"the page's error does not name the folder {folder}: {text}"
+    else:
+        notes = page.evaluate("() => window.app.graph._nodes.filter(n => n.type === 'Note')"
+                              ".map(n => n.widgets[0].value)")
+        assert len(notes) == 1 and folder in notes[0], notes
+    page.wait_for_timeout(500)
+    assert _history_ids(comfy_server) == before, "a prompt with a missing file must not run"

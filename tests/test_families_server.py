@@ -63,3 +63,23 @@ def test_demo_picks_the_workflow_by_detected_family(comfy_server):
     with pytest.raises(WorkflowError, match="detected as unknown"):
         demo.detect_family(comfy_server.base / "models" / "diffumatting" / "diffumatting_head_sd15.safetensors")
     assert {w for w, _, _ in demo.FAMILY_WORKFLOWS.values()} <= {p.name for p in (ROOT / "workflows").iterdir()}
+
+
+def test_sdxl_workflow_with_green_kv_protection(comfy_server, server_models):
+    """The SDXL workflow with the LoRA stack in 'green token k/v' mode at full protection (CLIP-L + CLIP-G
+    green positions, SDXL's cross-attention layers) runs in the real server and writes its RGBA PNG."""
+    import json
+
+    from PIL import Image
+
+    from conftest import ROOT
+    from fixtures_host import shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_sdxl.json").read_text()),
+                               server_models["workflow_loras"]["transparent_sdxl"])
+    stack = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingLoraStack")
+    assert stack["widgets_values"][-1] == "all cross-attention", "the shipped default"
+    stack["widgets_values"][1] = 1.0
+    stack["widgets_values"][-1] = "green token k/v"
+    files = comfy_server.output_files(comfy_server.run_workflow(workflow, timeout=900))
+    assert any(Image.open(f).mode == "RGBA" for f in files), files
