@@ -13,7 +13,8 @@ from ..models.asset_export import (SHEET_STEM, PromptLines, asset_png, assets_sh
 from ..models.atomic import write_all_atomic
 from ..models.png import encode_png
 from ._schema import enum_options, enum_value, schema
-from .export import ALPHA_TIP, FAMILY, TMASK_TIP, BitDepth, _png_text, expand_filename_tokens
+from ._alpha_sockets import alpha_inputs
+from .export import FAMILY, BitDepth, _png_text, expand_filename_tokens
 
 
 def _target_folder(folder: str) -> tuple[str, str]:
@@ -74,8 +75,7 @@ class SaveTransparentBatch(io.ComfyNode):
                 io.Boolean.Input("save_contact_sheet", default=True,
                                  tooltip="Also write contact_sheet-NNN.png (the batch over a checkerboard) "
                                          "beside the files."),
-                io.Mask.Input("alpha", optional=True, tooltip=ALPHA_TIP),
-                io.Mask.Input("transparency_mask", optional=True, tooltip=TMASK_TIP),
+                *alpha_inputs(),
             ],
             outputs=[io.Image.Output("contact_sheet", display_name="contact_sheet",
                                      tooltip="The batch's trimmed images over a checkerboard, in a grid (RGB).")],

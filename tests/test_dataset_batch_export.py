@@ -89,11 +89,9 @@ def test_cli_asset_names_use_the_same_stems():
 # --- the node in-process -------------------------------------------------------------------------------------
 @pytest.fixture()
 def batch_node(comfy_host, tmp_path, monkeypatch):
-    import folder_paths
+    from support.export_output import export_nodes_in
 
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    _, out = export_nodes_in(tmp_path, monkeypatch)
     from diffumatting.nodes.batch_export import SaveTransparentBatch
 
     return SaveTransparentBatch, out
