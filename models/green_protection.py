@@ -171,6 +171,11 @@ class GreenKVLayer:
     def __init__(self, deltas: KVDeltas):
         self.deltas = deltas
 
+    def __deepcopy__(self, memo):
+        """Shared, not copied: the layer and its deltas are never changed in place (a new layer replaces
+        it), and ComfyUI deep-copies a MODEL's options on every clone (SDXL: up to hundreds of MB)."""
+        return self
+
     def correct(self, k: torch.Tensor, v: torch.Tensor, extra_options: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         table = extra_options.get(OPTION_KEY)
         if not table:

@@ -94,9 +94,3 @@ def server_models(server_base) -> dict:
 
     return populate_server_models(server_base)
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """Run test_lora_stack.py first. Its tests compare weights read back through core's model management,
-    and in-process models that earlier modules leave in core's loaded-model list change what those reads
-    return (seen on 0.3.75, cause not yet found; the tests pass in a fresh process). Known issue, see README."""
-    items.sort(key=lambda item: 0 if item.path.name == "test_lora_stack.py" else 1)

@@ -70,3 +70,12 @@ def test_layer_is_plain_attention_without_green_data_and_attend_is_softmax_atten
     layer = GreenKVLayer(KVDeltas(k=(factorize(torch.ones(8, 8)),)))
     assert torch.allclose(layer(q, k, v, {"n_heads": heads}), ref, atol=1e-5)
     assert torch.allclose(layer(q, k, v, {"n_heads": heads, OPTION_KEY: {}, "uuids": ["x"]}), ref, atol=1e-5)
+
+
+def test_layer_is_shared_by_model_clones():
+    """ComfyUI deep-copies model_options on clone; the layer's factors must not be copied each time."""
+    import copy
+
+    layer = GreenKVLayer(KVDeltas(k=(factorize(torch.ones(8, 8)),)))
+    options = {"transformer_options": {"patches_replace": {"attn2": {("input", 1, 0): layer}}}}
+    assert copy.deepcopy(options)["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)] is layer
