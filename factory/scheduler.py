@@ -77,6 +77,7 @@ class Result:
     server: Server
     files: dict[str, bytes]           # save role -> PNG bytes
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_id: str = ""               # the server's id of the prompt that made it (its /history entry)
 
 
 Build = Callable[[object], tuple[dict, dict[str, str]]]   # job -> (API prompt, role -> save node id)
@@ -335,7 +336,7 @@ class Scheduler:
                                              "exec_s": round(t_done - t_start, 4),
                                              "fetch_s": round(t_fetched - t_done, 4),
                                              "total_s": round(t_fetched - t_submit, 4),
-                                             "server_exec_s": server_exec})
+                                             "server_exec_s": server_exec}, pid)
         task = asyncio.create_task(self._commit_once(result))
         self._commit_tasks.add(task)
         task.add_done_callback(self._commit_tasks.discard)

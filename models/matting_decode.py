@@ -7,6 +7,11 @@ colour to [0, 1] with (x + 1) / 2 (ComfyUI's VAE `process_output`) gives the alp
 whatever blends decoder outputs (batch chunks, overlapping tiles) blends colour and alpha alike. On exit
 the decoder is exactly as before.
 
+With a head the decoder's output is float32 whatever the VAE's dtype: the head's alpha is float32 (its last
+layer runs in float32), and a bf16 channel would keep about 8 significant bits of it (steps up to 1/512 near
+0 and 1), a 16-bit alpha export 8-bit in disguise. The colour channels are the VAE-dtype values exactly
+(widening is exact), and ComfyUI converts the decoder's output to its float32 intermediate dtype next anyway.
+
 `on_call(latent_features)` (optional) runs before each decoder call: the caller checks interruption there,
 or refuses an unexpected input size.
 """
@@ -20,9 +25,9 @@ from torch import nn
 from .matting_head import HeadTaps, MattingHead
 
 
-def encode_alpha(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Alpha in [0,1] as a decoder output channel in [-1,1] (what (x + 1) / 2 maps back to alpha)."""
-    return alpha.to(dtype).mul(2.0).sub(1.0)
+def encode_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    """Alpha in [0,1] as a float32 decoder output channel in [-1,1] (what (x + 1) / 2 maps back to alpha)."""
+    return alpha.float().mul(2.0).sub(1.0)
 
 
 class AlphaChannel:
@@ -65,7 +70,7 @@ class AlphaChannel:
         if alpha.shape[0] != out.shape[0] or alpha.shape[-2:] != out.shape[-2:]:
             raise ValueError(f"the head's alpha {tuple(alpha.shape)} does not match the decoded image "
                              f"{tuple(out.shape)}: the fine tap is not at full resolution")
-        return torch.cat([out, encode_alpha(alpha, out.dtype)], dim=1)
+        return torch.cat([out.float(), encode_alpha(alpha)], dim=1)  # float32: see the module doc
 
     def __exit__(self, *exc):
         for handle in self._handles:

@@ -4,19 +4,26 @@ tests/test_core_symbols.py resolves each one on the host ComfyUI and scans the p
 symbols missing from this list, so that a rename in core, or a new use that nobody reviewed, fails loudly.
 
 Tested: ComfyUI 0.3.75 (the copy the tests run), every name below. Reviewed by reading the newest
-Comfy-Org/ComfyUI source (26 Nov 2026): comfy/sd.py (VAE.__init__ defaults, VAE.decode, VAE.decode_tiled,
-decode_tiled_, memory_used_decode, output_channels, process_output, CLIP.tokenize/clone/
-encode_from_tokens_scheduled, load_lora_for_models, comfy.lora.model_lora_keys_unet as it calls it),
+Comfy-Org/ComfyUI source (version 0.38.1, 26 Nov 2026): comfy/sd.py (VAE.__init__ defaults, VAE.decode,
+VAE.decode_tiled, decode_tiled_, memory_used_decode, output_channels, process_output (in place there),
+vae_output_dtype, spacial_compression_decode, throw_exception_if_invalid, CLIP.tokenize/clone/
+encode_from_tokens/encode_from_tokens_scheduled, load_lora_for_models, comfy.lora.model_lora_keys_unet and
+ModelPatcher.add_patches as it calls them, ops.disable_weight_init and the sd1_clip and AutoencoderKL imports),
 comfy/utils.py (tiled_scale, get_tiled_scale_steps, ProgressBar, set_progress_bar_global_hook,
-load_torch_file, unet_to_diffusers), comfy/model_management.py (throw_exception_if_processing_interrupted,
-interrupt_current_processing, InterruptProcessingException; dtype_size, intermediate_device, load_models_gpu
-as comfy/sd.py calls them), folder_paths.py (every name listed) and comfy_api/latest/_io.py (Schema and its
-search_aliases field), comfy_api/latest/_ui.py (PreviewImage, PreviewText, SavedImages, SavedResult),
-comfy/ldm/modules/attention.py (BasicTransformerBlock's attn2 replacement call: q, k, v projected, then
-to_out), comfy/samplers.py (CALC_COND_BATCH wrappers; transformer_options["uuids"]), comfy/lora.py
-(calculate_weight(patches, weight, key, ...)), ModelPatcher.add_wrapper_with_key. The
-other names (model_patcher, model_base, ops, clip_model, ldm classes, the other io classes) are tested on
-0.3.75 only.
+load_torch_file (read-only memory maps under DynamicVRAM), unet_to_diffusers), comfy/model_management.py
+(throw_exception_if_processing_interrupted, interrupt_current_processing, InterruptProcessingException (a
+BaseException), dtype_size, intermediate_device, intermediate_dtype, get_torch_device, load_models_gpu),
+comfy/model_patcher.py (ModelPatcher.clone, get_model_object, set_model_sampler_post_cfg_function,
+set_model_attn2_replace), comfy/cli_args.py (args.cpu, disable_metadata, disable_smart_memory,
+use_pytorch_cross_attention; it reads comfy.options.args_parsing), folder_paths.py (every name listed) and
+comfy_api/latest/__init__.py (ComfyExtension; io and ui are now the public re-export modules _io_public and
+_ui_public, which are not in the searchable copy: Schema's search_aliases and the ui classes were read in
+_io.py / _ui.py), comfy/ldm/modules/attention.py (BasicTransformerBlock's attn2 replacement call: q, k, v
+projected, then to_out), comfy/samplers.py (CALC_COND_BATCH wrappers; transformer_options["uuids"]),
+comfy/lora.py (calculate_weight(patches, weight, key, ...)), ModelPatcher.add_wrapper_with_key. Not re-read
+in the newest source, tested on 0.3.75 only: comfy/options.py (not in the searchable copy),
+model_base.BaseModel.process_latent_in, clip_model.CLIPTextModel, openaimodel.UNetModel,
+sd.load_checkpoint_guess_config.
 
 CORE_SYMBOLS maps a module to dotted names inside it (classes' methods included). VAE_INSTANCE_ATTRIBUTES
 are set in comfy.sd.VAE.__init__ and can only be checked on a VAE object.

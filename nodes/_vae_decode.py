@@ -86,10 +86,11 @@ def check_head_fits(vae, samples: torch.Tensor, loaded: LoadedHead) -> torch.nn.
 
 
 def head_memory(shape, config: HeadConfig, scale: int, dtype_size: int) -> float:
-    """Bytes the head adds to a decode of a latent of `shape` (B,C,h,w): its full-resolution layers, the
-    alpha and the one-channel-wider decoder output."""
-    per_pixel = 2 * config.hidden + 2 * config.coarse_dim * len(config.coarse_taps) + 6
-    return shape[0] * shape[2] * shape[3] * scale * scale * per_pixel * dtype_size
+    """Bytes the head adds to a decode of a latent of `shape` (B,C,h,w): its full-resolution layers (in the
+    VAE's dtype, `dtype_size` bytes) and, in float32 (models/matting_decode.py), the alpha, its encoded
+    channel, the widened colour and the one-channel-wider decoder output (10 values a pixel)."""
+    layers = 2 * config.hidden + 2 * config.coarse_dim * len(config.coarse_taps)
+    return shape[0] * shape[2] * shape[3] * scale * scale * (layers * dtype_size + 10 * 4)
 
 
 def vae_with_alpha(vae, loaded: LoadedHead):

@@ -17,6 +17,7 @@ from comfy_api.latest import io, ui
 from ..models.alpha import checkerboard, join_alpha, over, parse_hex_color, split_alpha, trim_to_alpha
 from ..models.atomic import write_all_atomic
 from ..models.png import encode_png
+from ._alpha_sockets import alpha_inputs, alpha_output, transparency_mask_output
 from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/io"
@@ -33,9 +34,6 @@ class Backdrop(str, Enum):
     TRANSPARENT = "transparent"
 
 
-ALPHA_TIP = "Opacity, 1 = opaque object (the convention of this pack's `alpha` outputs and of segmenters)."
-TMASK_TIP = ("Transparency mask, 1 = transparent: the MASK that core's LoadImage and SplitImageWithAlpha "
-             "output and JoinImageWithAlpha expects.")
 IMAGE_TIP = "IMAGE with 3 (RGB), 4 (straight RGBA) or 1 (grey) channels."
 
 
@@ -165,8 +163,7 @@ class SaveRGBA(io.ComfyNode):
                 io.Boolean.Input("save_matte", default=False,
                                  tooltip="Also write the alpha as a grey PNG beside each image "
                                          "(<name>_matte.png), white = opaque."),
-                io.Mask.Input("alpha", optional=True, tooltip=ALPHA_TIP),
-                io.Mask.Input("transparency_mask", optional=True, tooltip=TMASK_TIP),
+                *alpha_inputs(),
             ],
             outputs=[],
         )
@@ -234,8 +231,7 @@ class PreviewRGBA(io.ComfyNode):
                                 tooltip="Backdrop colour as #RRGGBB, used when backdrop is 'color'."),
                 io.Int.Input("cell", default=16, min=1, max=512,
                              tooltip="Checkerboard square size in pixels."),
-                io.Mask.Input("alpha", optional=True, tooltip=ALPHA_TIP),
-                io.Mask.Input("transparency_mask", optional=True, tooltip=TMASK_TIP),
+                *alpha_inputs(),
             ],
             outputs=[io.Image.Output("composite", display_name="composite",
                                      tooltip="The image over the backdrop (RGB), or the RGBA for 'transparent'.")],
@@ -278,8 +274,7 @@ class JoinAlpha(io.ComfyNode):
             search_aliases=["join alpha", "add alpha", "rgba", "merge mask", "apply alpha"],
             inputs=[
                 io.Image.Input("image", tooltip=IMAGE_TIP),
-                io.Mask.Input("alpha", optional=True, tooltip=ALPHA_TIP),
-                io.Mask.Input("transparency_mask", optional=True, tooltip=TMASK_TIP),
+                *alpha_inputs(),
             ],
             outputs=[io.Image.Output("rgba", display_name="rgba",
                                      tooltip="IMAGE with 4 channels, straight alpha (1 = opaque).")],
@@ -306,8 +301,8 @@ class SplitAlpha(io.ComfyNode):
             inputs=[io.Image.Input("image", tooltip=IMAGE_TIP)],
             outputs=[
                 io.Image.Output("rgb", display_name="rgb", tooltip="The colour channels (straight)."),
-                io.Mask.Output("alpha", display_name="alpha", tooltip=ALPHA_TIP),
-                io.Mask.Output("transparency_mask", display_name="transparency_mask", tooltip=TMASK_TIP),
+                alpha_output(),
+                transparency_mask_output(),
             ],
         )
 

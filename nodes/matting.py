@@ -11,16 +11,13 @@ import torch
 from comfy_api.latest import io
 
 from ..models.matting_head import LoadedHead, load_head
+from ._alpha_sockets import alpha_output, transparency_mask_output
 from ._files import MODEL_FOLDER, model_files, resolve_model_file
 from ._schema import CATEGORY, enum_options, enum_value, schema
 from ._vae_decode import Tiling, decode
 
 FAMILY = f"{CATEGORY}/matting"
 MattingHeadType = io.Custom("DIFFUMATTING_HEAD")
-
-ALPHA_TIP = "Opacity, 1 = opaque object, 0 = background (this pack's `alpha` convention)."
-TMASK_TIP = ("Transparency mask = 1 - alpha (1 = transparent): core's MASK convention, for JoinImageWithAlpha "
-             "and other core nodes.")
 
 
 class FamilyCheck(str, Enum):
@@ -131,11 +128,11 @@ class MattingVAEDecode(io.ComfyNode):
             outputs=[
                 io.Image.Output("image", display_name="image",
                                 tooltip="The decoded RGB image, exactly what VAE Decode gives."),
-                io.Mask.Output("alpha", display_name="alpha", tooltip=ALPHA_TIP),
+                alpha_output(),
                 io.Image.Output("rgba", display_name="rgba",
                                 tooltip="4-channel IMAGE: straight colour (despilled by GreenPost when it ran) "
                                         "and alpha; save it with Save Transparent PNG or core Save Image."),
-                io.Mask.Output("transparency_mask", display_name="transparency_mask", tooltip=TMASK_TIP),
+                transparency_mask_output(),
             ],
         )
 

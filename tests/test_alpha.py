@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffumatting.models import alpha as A
+from diffumatting.models.alpha import checkerboard, join_alpha, over, parse_hex_color, split_alpha, trim_to_alpha
 from diffumatting.models.atomic import write_all_atomic
 from diffumatting.models.png import encode_png, read_png_text
 
@@ -16,67 +16,67 @@ from diffumatting.models.png import encode_png, read_png_text
 def test_join_split_round_trip_both_conventions():
     rgb = torch.rand(2, 5, 7, 3)
     alpha = torch.rand(2, 5, 7)
-    rgba = A.join_alpha(rgb, alpha=alpha)
+    rgba = join_alpha(rgb, alpha=alpha)
     assert rgba.shape == (2, 5, 7, 4)
-    back_rgb, back_alpha, tmask = A.split_alpha(rgba)
+    back_rgb, back_alpha, tmask = split_alpha(rgba)
     torch.testing.assert_close(back_rgb, rgb)
     torch.testing.assert_close(back_alpha, alpha)
     torch.testing.assert_close(tmask, 1 - alpha)
     # The core convention (transparency mask) gives the same RGBA without any inversion by the user.
-    torch.testing.assert_close(A.join_alpha(rgb, transparency_mask=1 - alpha), rgba)
+    torch.testing.assert_close(join_alpha(rgb, transparency_mask=1 - alpha), rgba)
 
 
 def test_join_uses_existing_alpha_grey_and_broadcast_mask():
     rgba = torch.rand(3, 4, 4, 4)
-    torch.testing.assert_close(A.join_alpha(rgba), rgba)
+    torch.testing.assert_close(join_alpha(rgba), rgba)
     grey = torch.rand(1, 4, 4, 1)
-    out = A.join_alpha(grey, alpha=torch.ones(4, 4) * 0.5)
+    out = join_alpha(grey, alpha=torch.ones(4, 4) * 0.5)
     assert out.shape == (1, 4, 4, 4)
     torch.testing.assert_close(out[..., 0], grey[..., 0])
     assert torch.all(out[..., 3] == 0.5)
-    batch = A.join_alpha(torch.rand(3, 4, 4, 3), alpha=torch.zeros(1, 4, 4))
+    batch = join_alpha(torch.rand(3, 4, 4, 3), alpha=torch.zeros(1, 4, 4))
     assert torch.all(batch[..., 3] == 0)
 
 
 def test_mask_is_resized_and_bad_batch_refused():
-    out = A.join_alpha(torch.rand(1, 8, 8, 3), alpha=torch.ones(1, 4, 4))
+    out = join_alpha(torch.rand(1, 8, 8, 3), alpha=torch.ones(1, 4, 4))
     assert out.shape == (1, 8, 8, 4)
     with pytest.raises(ValueError, match="batch size 2 but the image has 3"):
-        A.join_alpha(torch.rand(3, 4, 4, 3), alpha=torch.ones(2, 4, 4))
+        join_alpha(torch.rand(3, 4, 4, 3), alpha=torch.ones(2, 4, 4))
     with pytest.raises(ValueError, match=r"\(B,H,W,C\)"):
-        A.join_alpha(torch.rand(1, 4, 4, 2))
+        join_alpha(torch.rand(1, 4, 4, 2))
 
 
 def test_over_checkerboard_and_color():
     rgba = torch.zeros(1, 4, 4, 4)
     rgba[..., 0] = 1.0
     rgba[0, 0, 0, 3] = 1.0
-    out = A.over(rgba, torch.tensor([0.0, 0.0, 1.0]))
+    out = over(rgba, torch.tensor([0.0, 0.0, 1.0]))
     assert torch.allclose(out[0, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(out[0, 1, 1], torch.tensor([0.0, 0.0, 1.0]))
-    board = A.checkerboard(4, 4, cell=2)
+    board = checkerboard(4, 4, cell=2)
     assert board[0, 0, 0] != board[0, 2, 0] and board[0, 0, 0] == board[2, 2, 0]
 
 
 @pytest.mark.parametrize("text,expected", [("#00ff00", (0.0, 1.0, 0.0)), ("0f0", (0.0, 1.0, 0.0))])
 def test_parse_hex(text, expected):
-    assert A.parse_hex_color(text) == pytest.approx(expected)
+    assert parse_hex_color(text) == pytest.approx(expected)
 
 
 def test_parse_hex_bad():
     with pytest.raises(ValueError, match="#RRGGBB"):
-        A.parse_hex_color("green")
+        parse_hex_color("green")
 
 
 def test_trim_to_alpha_with_padding_and_empty():
     rgba = torch.zeros(10, 12, 4)
     rgba[3:5, 4:9, 3] = 1.0
-    crop = A.trim_to_alpha(rgba, padding=2)
+    crop = trim_to_alpha(rgba, padding=2)
     assert crop.shape == (2 + 4, 5 + 4, 4)
     assert crop[2:4, 2:7, 3].min() == 1 and crop[:2].abs().sum() == 0
-    assert A.trim_to_alpha(torch.zeros(5, 5, 4)).shape == (1, 1, 4)
+    assert trim_to_alpha(torch.zeros(5, 5, 4)).shape == (1, 1, 4)
     with pytest.raises(ValueError, match="padding"):
-        A.trim_to_alpha(rgba, padding=-1)
+        trim_to_alpha(rgba, padding=-1)
 
 
 @pytest.mark.parametrize("bits", [8, 16])

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.export_output import export_nodes_in
 
 
 @pytest.fixture()
 def export(comfy_host, tmp_path, monkeypatch):
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    from diffumatting.nodes import export
-
-    return export, out
+    """(nodes.export, output folder) with ComfyUI's output directory in tmp_path."""
+    return export_nodes_in(tmp_path, monkeypatch)
 
 
 # --- filename_prefix -----------------------------------------------------------------------------------

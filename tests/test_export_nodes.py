@@ -7,18 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.export_output import export_nodes_in
 
 
 @pytest.fixture()
 def export_nodes(comfy_host, tmp_path, monkeypatch):
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    from diffumatting.nodes import export as export_nodes
-
-    return export_nodes, out
+    """(nodes.export, output folder) with ComfyUI's output directory in tmp_path."""
+    return export_nodes_in(tmp_path, monkeypatch)
 
 
 def test_save_batch_straight_alpha_and_counter(export_nodes):
@@ -125,3 +120,27 @@ def test_join_split_nodes_interoperate_with_core(export_nodes):
     torch.testing.assert_close(alpha2, alpha)
     with pytest.raises(ValueError, match="needs `alpha`"):
         nodes.JoinAlpha.execute(rgb)
+
+
+def test_alpha_sockets_read_the_same_on_every_node(comfy_host):
+    """Every `alpha` / `transparency_mask` socket of the export and matting nodes is a MASK stating its one
+    convention (nodes/_alpha_sockets.py): opacity for `alpha`, core's 1 = transparent for the other."""
+    from comfy_api.latest import io
+
+    from diffumatting.nodes import _alpha_sockets, export, matting
+
+    tips = {"alpha": _alpha_sockets.ALPHA_TIP, "transparency_mask": _alpha_sockets.TMASK_TIP}
+    assert "1 = opaque" in tips["alpha"] and "1 = transparent" in tips["transparency_mask"]
+    seen = []
+    for node in (*export.NODES, *matting.NODES):
+        s = node.define_schema()
+        for item in [*s.inputs, *s.outputs]:
+            if item.id in tips:
+                seen.append((s.node_id, item.id, item in s.inputs))
+                assert item.tooltip == tips[item.id] and isinstance(item, (io.Mask.Input, io.Mask.Output)), \
+                    (s.node_id, item.id)
+    inputs = {n for n, _, is_input in seen if is_input}
+    outputs = {n for n, _, is_input in seen if not is_input}
+    assert inputs == {"DiffuMattingSaveRGBA", "DiffuMattingPreviewRGBA", "DiffuMattingJoinAlpha"}
+    assert outputs == {"DiffuMattingSplitAlpha", "DiffuMattingVAEDecode"}
+    assert len(seen) == 2 * (len(inputs) + len(outputs))

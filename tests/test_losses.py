@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffumatting.models import losses as L
+from diffumatting.models import losses
 from diffumatting.training.attention import GreenAttentionCapture, green_indicator, reference_green_map
 
 
@@ -15,18 +15,18 @@ def test_diffusion_targets_invert(prediction):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     ab = torch.tensor([0.9, 0.5, 0.05])
-    x_t = L.add_noise(x0, noise, ab)
-    target = L.diffusion_target(x0, noise, ab, prediction)
+    x_t = losses.add_noise(x0, noise, ab)
+    target = losses.diffusion_target(x0, noise, ab, prediction)
     # A perfect model output gives back x0 exactly and zero diffusion loss.
-    assert torch.allclose(L.predicted_x0(x_t, target, ab, prediction), x0, atol=1e-4)
-    assert float(L.diffusion_loss(target, target)) == 0.0
+    assert torch.allclose(losses.predicted_x0(x_t, target, ab, prediction), x0, atol=1e-4)
+    assert float(losses.diffusion_loss(target, target)) == 0.0
     if prediction == "eps":
         assert torch.equal(target, noise)
     else:
         a = ab.view(-1, 1, 1, 1)
         assert torch.allclose(target, a.sqrt() * noise - (1 - a).sqrt() * x0)
     with pytest.raises(ValueError, match="prediction must be one of"):
-        L.diffusion_target(x0, noise, ab, "x0")
+        losses.diffusion_target(x0, noise, ab, "x0")
 
 
 # --- green-background control ---------------------------------------------------------------------------
@@ -41,37 +41,37 @@ def test_green_loss_known_maps():
     alpha = _half_alpha()
     bg4 = 1 - F.adaptive_avg_pool2d(alpha, 4)                         # (B,1,4,4): right half = 1
     perfect = (bg4 * 0.3 + 0.01).flatten(1)                           # any affine copy normalises to the mask
-    assert float(L.green_attention_loss(perfect, alpha, (16, 16))) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.green_attention_loss(perfect, alpha, (16, 16))) == pytest.approx(0.0, abs=1e-6)
     inverted = (1 - bg4).flatten(1)
-    assert float(L.green_attention_loss(inverted, alpha, (16, 16))) == pytest.approx(1.0, abs=1e-6)
+    assert float(losses.green_attention_loss(inverted, alpha, (16, 16))) == pytest.approx(1.0, abs=1e-6)
     # Two maps are averaged; a (B,h,w) map works too; the latent size picks the map's grid.
-    both = L.green_attention_loss([perfect, inverted.view(2, 4, 4)], alpha, (16, 16))
+    both = losses.green_attention_loss([perfect, inverted.view(2, 4, 4)], alpha, (16, 16))
     assert float(both) == pytest.approx(0.5, abs=1e-6)
     # A sample without a green token (weight 0) does not count.
     mixed = torch.cat([perfect[:1], inverted[1:]])
-    assert float(L.green_attention_loss(mixed, alpha, (16, 16), sample_weight=torch.tensor([1.0, 0.0]))) == \
+    assert float(losses.green_attention_loss(mixed, alpha, (16, 16), sample_weight=torch.tensor([1.0, 0.0]))) == \
         pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="does not fit a latent"):
-        L.green_attention_loss(torch.zeros(2, 7), alpha, (16, 16))
+        losses.green_attention_loss(torch.zeros(2, 7), alpha, (16, 16))
 
 
 def test_attention_iou_median_threshold():
     alpha = _half_alpha()
     bg = (1 - F.adaptive_avg_pool2d(alpha, 8)).flatten(1)
-    assert torch.allclose(L.attention_iou(bg, alpha, (8, 8)), torch.ones(2))
-    assert torch.allclose(L.attention_iou(1 - bg, alpha, (8, 8)), torch.zeros(2))
+    assert torch.allclose(losses.attention_iou(bg, alpha, (8, 8)), torch.ones(2))
+    assert torch.allclose(losses.attention_iou(1 - bg, alpha, (8, 8)), torch.zeros(2))
     # A random map overlaps about half of the background.
     noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
-    assert 0.15 < float(L.attention_iou(noise, alpha, (8, 8)).mean()) < 0.55
+    assert 0.15 < float(losses.attention_iou(noise, alpha, (8, 8)).mean()) < 0.55
 
 
 # --- transition-boundary detail -------------------------------------------------------------------------
 def test_sobel_flat_and_step():
     flat = torch.full((1, 2, 8, 8), 0.3)
-    assert float(L.sobel_magnitude(flat).abs().max()) < 1e-6
+    assert float(losses.sobel_magnitude(flat).abs().max()) < 1e-6
     step = torch.zeros(1, 1, 8, 8)
     step[..., 4:] = 1.0
-    mag = L.sobel_magnitude(step)[0, 0]
+    mag = losses.sobel_magnitude(step)[0, 0]
     assert torch.allclose(mag[:, 3:5], torch.full((8, 2), 0.5), atol=1e-5)
     assert float(mag[:, :3].abs().max()) < 1e-5 and float(mag[:, 5:].abs().max()) < 1e-5
 
@@ -81,20 +81,20 @@ def test_detail_loss_values_and_band_weight():
     step[..., 4:] = 1.0
     flat = torch.zeros(1, 1, 8, 8)
     opaque = torch.ones(1, 1, 8, 8)                           # no transition band
-    assert float(L.detail_loss(flat, flat, opaque)) == pytest.approx(0.0, abs=1e-6)
-    assert float(L.detail_loss(step, flat, opaque)) == pytest.approx(0.125, abs=1e-5)   # 0.5 on 2 of 8 columns
+    assert float(losses.detail_loss(flat, flat, opaque)) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.detail_loss(step, flat, opaque)) == pytest.approx(0.125, abs=1e-5)   # 0.5 on 2 of 8 columns
     band = torch.ones(1, 1, 8, 8)
     band[..., 3:5] = 0.5                                      # soft edge exactly where the step is
     # weights 5 on the two band columns, 1 elsewhere: (0.5 * 5 * 16) / (5 * 16 + 1 * 48)
-    assert float(L.detail_loss(step, flat, band, band_weight=4.0)) == pytest.approx(40 / 128, abs=1e-5)
+    assert float(losses.detail_loss(step, flat, band, band_weight=4.0)) == pytest.approx(40 / 128, abs=1e-5)
     # The band is found at full resolution and max-pooled to the latent grid.
     band_hr = torch.ones(1, 1, 64, 64)
     band_hr[..., 31, 24:40] = 0.5
-    assert L.transition_band(band_hr, (8, 8))[0, 0].sum() == 2
+    assert losses.transition_band(band_hr, (8, 8))[0, 0].sum() == 2
     # Per-sample weights scale each sample; the target gets no gradient.
     pred = step.clone().requires_grad_(True)
     target = flat.clone().requires_grad_(True)
-    L.detail_loss(pred, target, opaque, sample_weight=torch.tensor([0.5])).backward()
+    losses.detail_loss(pred, target, opaque, sample_weight=torch.tensor([0.5])).backward()
     assert pred.grad.abs().sum() > 0 and target.grad is None
 
 
@@ -134,7 +134,7 @@ def test_capture_gradients_reach_q_and_k_only():
     cap = GreenAttentionCapture([])
     cap.set_tokens(ind)
     cap(q, k, v, {"n_heads": heads, "block": ("output", 0)})
-    L.green_attention_loss(cap.maps(), _half_alpha(2, 4, 4)).backward()
+    losses.green_attention_loss(cap.maps(), _half_alpha(2, 4, 4)).backward()
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
     assert v.grad is None or float(v.grad.abs().sum()) == 0.0, "the map must not depend on the values"
 
@@ -177,7 +177,7 @@ def test_green_loss_gradients_in_unet(tiny_unet):
         (m,) = cap.maps()
         assert m.shape == (2, 64)
         unet.zero_grad(set_to_none=True)
-        L.green_attention_loss(cap.maps(), _half_alpha(2, 64, 64), (8, 8), sample_weight=has).backward()
+        losses.green_attention_loss(cap.maps(), _half_alpha(2, 64, 64), (8, 8), sample_weight=has).backward()
         grads = {n: p.grad for n, p in unet.named_parameters()}
         blk = "input_blocks.1.1.transformer_blocks.0."
         assert grads[blk + "attn2.to_q.weight"].abs().sum() > 0
@@ -191,7 +191,7 @@ def test_green_loss_gradients_in_unet(tiny_unet):
         unet.zero_grad(set_to_none=True)
         cap.set_tokens(None)
         out = unet(x, timesteps=t, context=ctx)
-        L.detail_loss(out, x, _half_alpha(2, 64, 64)).backward()
+        losses.detail_loss(out, x, _half_alpha(2, 64, 64)).backward()
         assert unet.out[2].weight.grad.abs().sum() > 0
     finally:
         unet.requires_grad_(False)
@@ -220,7 +220,7 @@ def test_gradient_checkpointing_same_gradients(comfy_host, tmp_path_factory):
         cap = GreenAttentionCapture(cross_attention_blocks(unet))
         cap.set_tokens(ind)
         out = unet(x, timesteps=t, context=ctx, transformer_options=cap.transformer_options())
-        loss = L.diffusion_loss(out, x) + L.green_attention_loss(cap.maps(), alpha, (8, 8), has)
+        loss = losses.diffusion_loss(out, x) + losses.green_attention_loss(cap.maps(), alpha, (8, 8), has)
         unet.zero_grad(set_to_none=True)
         loss.backward()
         return float(loss.detach()), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
@@ -239,7 +239,7 @@ def test_checkpointing_with_capture_cleared_as_the_loop_does(comfy_host, tmp_pat
     loop's backward. With gradient checkpointing the backward re-runs each transformer block; the re-run
     must take the same padded attention path (torch's checkpoint otherwise fails on the changed tensors)
     and give the gradients of an un-checkpointed step."""
-    from diffumatting.training import config as C
+    from diffumatting.training import config
     from diffumatting.training.distributed import Dist
     from diffumatting.training.session import Session
     from support.tiny_sd15 import cached_tiny_sd15_checkpoint
@@ -247,7 +247,7 @@ def test_checkpointing_with_capture_cleared_as_the_loop_does(comfy_host, tmp_pat
 
     path = cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
     out = tmp_path_factory.mktemp("gc_run")
-    cfg = C.validate(C.build("tiny", None, {
+    cfg = config.validate(config.build("tiny", None, {
         "run": {"out": str(out), "gradient_checkpointing": "off"}, "model": {"tiny": False, "checkpoint": str(path)},
         "data": {"synthetic_count": 4, "holdout": 0, "cache_latents": False},
         "unet": {"mode": "full", "batch_size": 2}}))

@@ -124,8 +124,20 @@ def test_core_sizes_memory_with_the_head(vae_decode, vae, head, monkeypatch):
     assert extra > 0 and seen == [pytest.approx(core + extra)]
 
 
+def _head_alpha_in_pass(vae, head, latent):
+    """The head's own float32 alpha (B,H,W) in one plain decoder pass in the VAE's dtype (HeadTaps)."""
+    from diffumatting.models.matting_head import HeadTaps
+
+    fsm = vae.first_stage_model
+    with torch.no_grad(), HeadTaps(fsm.decoder, head.head) as taps:
+        fsm.decode(latent.to(vae.vae_dtype))
+        alpha = taps.pop_alpha()
+    assert alpha.dtype == torch.float32
+    return alpha[:, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_vae(vae_decode, head, dtype, comfy_host):
+def test_low_precision_vae(vae_decode, matting, head, dtype, comfy_host):
     vae16 = small_vae(seed=0, dtype=dtype)
     vae32 = small_vae(seed=0)
     latent = _smooth_latent(2, 6, 6, seed=1)
@@ -136,6 +148,27 @@ def test_low_precision_vae(vae_decode, head, dtype, comfy_host):
     assert (alpha - ref_alpha).abs().max() < 0.03, float((alpha - ref_alpha).abs().max())
     with torch.no_grad():
         assert torch.equal(rgb, vae16.decode(latent).float()), "colour is core's decode in that precision"
+
+    # Alpha keeps the head's float32 precision through core's decode, tiled too, and out of the node: not the
+    # VAE dtype's grid (bf16 keeps 8 significant bits: steps of 1/512 near 0 and 1). A steeper head than the
+    # random one (alpha ~0.5, where the grid is fine) spreads alpha over [0, 1].
+    head = LoadedHead(MattingHead(SMALL).reset_parameters(0), "sd1", path="steep_head.safetensors")
+    with torch.no_grad():
+        head.head.out.weight.mul_(60.0)
+    head_alpha = _head_alpha_in_pass(vae16, head, latent)
+    assert float(head_alpha.min()) < 0.2 and float(head_alpha.max()) > 0.8
+    rgb, alpha = vae_decode.decode(vae16, latent, head)
+    on_grid = ((2 * head_alpha - 1).to(dtype).float() + 1) / 2
+    assert float((on_grid - head_alpha).abs().max()) > 1e-4, "the check needs an alpha the VAE dtype cannot hold"
+    assert float((alpha - head_alpha).abs().max()) < 1e-6
+    one_tile = vae_decode.decode(vae16, latent, head, vae_decode.Tiling.ALWAYS, tile_size=128, overlap=32)[1]
+    assert float((one_tile - head_alpha).abs().max()) < 1e-6, "tiles larger than the image: the same alpha"
+    image, node_alpha, rgba, tmask = matting.MattingVAEDecode.execute(
+        {"samples": latent}, vae16, head, refine_with_greenpost=False).result
+    assert node_alpha.dtype == rgba.dtype == tmask.dtype == torch.float32
+    assert float((node_alpha - head_alpha).abs().max()) < 1e-6 and torch.equal(rgba[..., 3], node_alpha)
+    steps = node_alpha.flatten().sort().values.diff()
+    assert float(steps[steps > 0].min()) < 1 / 4096, "alpha finer than 8 bits"
 
 
 def test_tiled_is_core_tiled_decode_with_alpha(vae_decode, vae, head):

@@ -337,8 +337,8 @@ def test_outputs_load_in_core_and_nodes(straight_run, green_on_run, tiny_ckpt, c
     import nodes as core_nodes
 
     from diffumatting.models.matting_head import load_head
-    from diffumatting.nodes import generate as G
-    from diffumatting.nodes import matting as M
+    from diffumatting.nodes import generate
+    from diffumatting.nodes import matting
 
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt))[:3]
     base = {k: v.clone() for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
@@ -374,7 +374,7 @@ def test_outputs_load_in_core_and_nodes(straight_run, green_on_run, tiny_ckpt, c
     (unet_dir / "dm_unet.safetensors").write_bytes((green_on_run / "diffumatting_unet.safetensors").read_bytes())
     (unet_dir / "dm_head.safetensors").write_bytes((green_on_run / "diffumatting_head.safetensors").read_bytes())
     folder_paths.add_model_folder_path("diffumatting", str(unet_dir))
-    (m3,) = G.UNetLoader.execute(model, "dm_unet.safetensors", 1.0).args
+    (m3,) = generate.UNetLoader.execute(model, "dm_unet.safetensors", 1.0).args
     trained = tensors(unet_dir / "dm_unet.safetensors")
     meta_keys = {"kind", "format_version", "base_architecture", "phrase", "prediction"}
     from safetensors import safe_open
@@ -391,9 +391,9 @@ def test_outputs_load_in_core_and_nodes(straight_run, green_on_run, tiny_ckpt, c
 
     # Matting head through the pack's loader node and the matting decode node.
     loaded = load_head(unet_dir / "dm_head.safetensors", expected_family="sd1")
-    (head,) = M.HeadLoader.execute("dm_head.safetensors").args
+    (head,) = matting.HeadLoader.execute("dm_head.safetensors").args
     lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
-    outs = M.MattingVAEDecode.execute(lat, vae, head, refine_with_greenpost=False).args
+    outs = matting.MattingVAEDecode.execute(lat, vae, head, refine_with_greenpost=False).args
     alpha = [o for o in outs if isinstance(o, torch.Tensor) and o.ndim == 3]
     assert alpha and alpha[0].shape[-2:] == (64, 64) and 0 <= float(alpha[0].min()) <= float(alpha[0].max()) <= 1
     assert loaded.metadata["trainer"] == "diffumatting train.py"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from diffumatting.models.synthetic import random_object
-from diffumatting.training import config as C
+from diffumatting.training import config
 from diffumatting.training.data import (Composer, StepData, global_positions, name_to_words, scan_folder,
                                         synthetic_items)
 
@@ -88,27 +88,27 @@ def test_samples_are_deterministic_and_sharded():
 
 
 def test_default_toml_documents_every_default():
-    data = C.load_toml(ROOT / "configs" / "default.toml")
-    cfg = C.apply_dict(C.TrainConfig(), data, "default.toml")
-    assert cfg.to_dict() == C.TrainConfig().to_dict()
-    assert {s: set(v) for s, v in data.items()} == {s: set(v) for s, v in C.TrainConfig().to_dict().items()}
-    tiny = C.validate(C.build("tiny"))
+    data = config.load_toml(ROOT / "configs" / "default.toml")
+    cfg = config.apply_dict(config.TrainConfig(), data, "default.toml")
+    assert cfg.to_dict() == config.TrainConfig().to_dict()
+    assert {s: set(v) for s, v in data.items()} == {s: set(v) for s, v in config.TrainConfig().to_dict().items()}
+    tiny = config.validate(config.build("tiny"))
     assert tiny.model.tiny and tiny.data.source == "synthetic" and tiny.loss.green_factors == [1]
 
 
 def test_config_coercion_and_validation():
-    cfg = C.build(None, None, C.parse_set(["unet.lr=2e-5", "run.stages=head", "loss.green_factors=[1, 2]",
-                                           "data.flip=off", "model.tiny=true"]))
+    cfg = config.build(None, None, config.parse_set(["unet.lr=2e-5", "run.stages=head", "loss.green_factors=[1, 2]",
+                                                     "data.flip=off", "model.tiny=true"]))
     assert cfg.unet.lr == 2e-5 and cfg.run.stages == ["head"] and cfg.loss.green_factors == [1, 2]
     assert cfg.data.flip is False
-    with pytest.raises(C.ConfigError, match="expected SECTION.KEY=VALUE"):
-        C.parse_set(["lr=1"])
-    with pytest.raises(C.ConfigError, match=r"unknown section \[unett\] \(did you mean 'unet'\?\)"):
-        C.apply_dict(C.TrainConfig(), {"unett": {}}, "x")
+    with pytest.raises(config.ConfigError, match="expected SECTION.KEY=VALUE"):
+        config.parse_set(["lr=1"])
+    with pytest.raises(config.ConfigError, match=r"unknown section \[unett\] \(did you mean 'unet'\?\)"):
+        config.apply_dict(config.TrainConfig(), {"unett": {}}, "x")
     cfg.unet.batch_size = 3
-    with pytest.raises(C.ConfigError, match="multiple of the 2 process"):
-        C.validate(cfg, world_size=2)
-    cfg = C.build("tiny")
+    with pytest.raises(config.ConfigError, match="multiple of the 2 process"):
+        config.validate(cfg, world_size=2)
+    cfg = config.build("tiny")
     cfg.model.tiny, cfg.model.checkpoint = False, "model.ckpt"
-    with pytest.raises(C.ConfigError, match="pickle file"):
-        C.validate(cfg)
+    with pytest.raises(config.ConfigError, match="pickle file"):
+        config.validate(cfg)

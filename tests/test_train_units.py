@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffumatting.models import losses as L
+from diffumatting.models import losses
 from diffumatting.models.synthetic import random_object
-from diffumatting.training import config as C
+from diffumatting.training import config
 from diffumatting.training.data import Composer, Item, _read_rgba, resize_premultiplied, scan_folder, synthetic_items
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,44 +21,82 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- config: declared once ------------------------------------------------------------------------------
 def test_shipped_default_toml_is_the_derived_one():
-    assert (ROOT / "configs" / "default.toml").read_text(encoding="utf-8") == C.default_toml(), \
+    assert (ROOT / "configs" / "default.toml").read_text(encoding="utf-8") == config.default_toml(), \
         "configs/default.toml is stale: python train.py --print-default-config > configs/default.toml"
-    data = C.load_toml(ROOT / "configs" / "default.toml")
-    assert C.apply_dict(C.TrainConfig(), data, "default.toml").to_dict() == C.TrainConfig().to_dict()
+    data = config.load_toml(ROOT / "configs" / "default.toml")
+    assert config.apply_dict(config.TrainConfig(), data, "default.toml").to_dict() == config.TrainConfig().to_dict()
+
+
+_PY310_TOML = """
+import json, sys
+for name in sys.argv[2:]:
+    sys.modules[name] = None  # as on Python 3.10, where the stdlib has no tomllib
+sys.path.append(sys.argv[1])
+import _package
+_package.register()
+from diffumatting.training import config
+data = config.load_toml(config.CONFIG_DIR / "default.toml")
+cfg = config.apply_dict(config.TrainConfig(), data, "default.toml")
+config.apply_dict(cfg, {"loss": {"green_factors": "[4, 8]"}}, "--set")
+print(json.dumps({"parser": config.tomllib.__name__, "cfg": cfg.to_dict()}))
+"""
+
+
+def _config_without(*modules: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _PY310_TOML, str(ROOT), *modules], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_config_reads_toml_without_tomllib():
+    """Python 3.10 (ComfyUI's minimum) has no tomllib: the trainer reads its configs with tomli, to the same
+    values; without tomli either, importing the config is one error naming the package and the fix."""
+    res = _config_without("tomllib")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    expected = config.apply_dict(config.TrainConfig(), config.load_toml(ROOT / "configs" / "default.toml"), "d")
+    config.apply_dict(expected, {"loss": {"green_factors": "[4, 8]"}}, "--set")
+    assert out["parser"] == "tomli" and config.tomllib.__name__ == "tomllib"
+    assert out["cfg"] == json.loads(json.dumps(expected.to_dict())) and out["cfg"]["loss"]["green_factors"] == [4, 8]
+    res = _config_without("tomllib", "tomli")
+    assert res.returncode != 0
+    assert "ImportError: the trainer reads TOML configs: on Python 3.10 it needs the `tomli` package" in res.stderr
 
 
 def test_every_choice_is_declared_and_validated():
-    specs = C.spec_map()
+    specs = config.spec_map()
     assert specs["run.mixed_precision"].choices == ("auto", "no", "fp16", "bf16")
     assert specs["loss.green_factors"].choices == (1, 2, 4, 8, 16)
     assert all(s.doc for s in specs.values())
-    cfg = C.build("tiny")
+    cfg = config.build("tiny")
     for dotted, spec in specs.items():
         if spec.choices is None:
             continue
         section, name = dotted.split(".")
-        bad = C.build("tiny")
+        bad = config.build("tiny")
         value = ["bogus"] if spec.is_list else "bogus"
         if spec.base_type is int:
             value = [3] if spec.is_list else 3
         setattr(getattr(bad, section), name, value)
-        with pytest.raises(C.ConfigError, match=dotted.replace(".", r"\.")):
-            C.validate(bad)
-    C.validate(cfg)
+        with pytest.raises(config.ConfigError, match=dotted.replace(".", r"\.")):
+            config.validate(bad)
+    config.validate(cfg)
 
 
 @pytest.mark.parametrize("setting", ["unet.lr=inf", "loss.detail=inf", "loss.green=nan", "head.lr=-inf",
                                      "data.head_realism=nan", "run.sample_cfg=inf"])
 def test_non_finite_settings_are_refused(setting):
-    cfg = C.build("tiny", None, C.parse_set([setting]))
-    with pytest.raises(C.ConfigError, match=setting.split("=")[0].replace(".", r"\.") + r" is (inf|nan|-inf)"):
-        C.validate(cfg)
+    cfg = config.build("tiny", None, config.parse_set([setting]))
+    with pytest.raises(config.ConfigError, match=setting.split("=")[0].replace(".", r"\.") + r" is (inf|nan|-inf)"):
+        config.validate(cfg)
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "1e30"])
 def test_bad_seed_is_one_clear_error(seed):
-    with pytest.raises(C.ConfigError, match=r"run\.seed"):
-        C.validate(C.build("tiny", None, C.parse_set([f"run.seed={seed}"])))
+    with pytest.raises(config.ConfigError, match=r"run\.seed"):
+        config.validate(config.build("tiny", None, config.parse_set([f"run.seed={seed}"])))
 
 
 # --- log.csv --------------------------------------------------------------------------------------------
@@ -82,29 +120,29 @@ def test_half_written_last_log_row_is_dropped(tmp_path):
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 def test_optimizer_state_only_in_newest_checkpoint(tmp_path):
-    from diffumatting.training import state as S
+    from diffumatting.training import state
 
     p = torch.nn.Parameter(torch.randn(64, 64))
     opt = torch.optim.AdamW([p], lr=1e-3)
     for step in (1, 2, 3):
         p.grad = torch.randn_like(p)
         opt.step()
-        S.save_checkpoint(tmp_path, "unet", step, {"unet.w": p.detach()}, opt, {"config": {}}, keep=2)
-    names = [c.name for c in S.list_checkpoints(tmp_path)]
+        state.save_checkpoint(tmp_path, "unet", step, {"unet.w": p.detach()}, opt, {"config": {}}, keep=2)
+    names = [c.name for c in state.list_checkpoints(tmp_path)]
     assert names == ["unet-0000002", "unet-0000003"]
     assert not (tmp_path / "unet-0000002" / "optimizer.safetensors").exists()
     assert (tmp_path / "unet-0000002" / "model.safetensors").is_file()
-    model, o, rng, state = S.read_checkpoint(tmp_path / "unet-0000003")
-    assert o is not None and "rng.cpu" in rng and state["step"] == 3
-    model, o, rng, state = S.read_checkpoint(tmp_path / "unet-0000002")
+    model, o, rng, meta = state.read_checkpoint(tmp_path / "unet-0000003")
+    assert o is not None and "rng.cpu" in rng and meta["step"] == 3
+    model, o, rng, meta = state.read_checkpoint(tmp_path / "unet-0000002")
     assert o is None and torch.is_tensor(model["unet.w"])
-    weights, opt_bytes = S.checkpoint_bytes({"unet.w": p.detach()}, [p])
+    weights, opt_bytes = state.checkpoint_bytes({"unet.w": p.detach()}, [p])
     assert weights == 64 * 64 * 4 and opt_bytes == 2 * weights
     with pytest.raises(ValueError, match="no such checkpoint folder"):
-        S.read_checkpoint(tmp_path / "nope")
+        state.read_checkpoint(tmp_path / "nope")
     (tmp_path / "junk").mkdir()
     with pytest.raises(ValueError, match="is not a trainer checkpoint"):
-        S.read_checkpoint(tmp_path / "junk")
+        state.read_checkpoint(tmp_path / "junk")
 
 
 # --- detail-loss weighting (defect 6) ------------------------------------------------------------------
@@ -121,12 +159,12 @@ def test_detail_gradient_moves_to_low_noise(prediction):
 
     def grad_norm(t: int, weighting: str) -> float:
         ab = acp[t].view(1)
-        x_t = L.add_noise(x0, noise, ab)
-        out = (L.diffusion_target(x0, noise, ab, prediction) + 0.3 * torch.randn(1, 4, 16, 16, generator=g)
+        x_t = losses.add_noise(x0, noise, ab)
+        out = (losses.diffusion_target(x0, noise, ab, prediction) + 0.3 * torch.randn(1, 4, 16, 16, generator=g)
                ).requires_grad_(True)
-        x0_hat = L.predicted_x0(x_t, out, ab, prediction)
-        w = L.detail_sample_weight(ab, prediction, weighting)
-        L.detail_loss(x0_hat, x0, alpha, sample_weight=w).backward()
+        x0_hat = losses.predicted_x0(x_t, out, ab, prediction)
+        w = losses.detail_sample_weight(ab, prediction, weighting)
+        losses.detail_loss(x0_hat, x0, alpha, sample_weight=w).backward()
         return float(out.grad.norm())
 
     steps = (50, 300, 600, 900)
@@ -137,7 +175,7 @@ def test_detail_gradient_moves_to_low_noise(prediction):
     if prediction == "eps":
         assert old[3] > old[0], old        # the first weighting put the gradient at high noise
     with pytest.raises(ValueError, match="detail weighting"):
-        L.detail_sample_weight(acp[:1], prediction, "bogus")
+        losses.detail_sample_weight(acp[:1], prediction, "bogus")
 
 
 # --- head precision (defect 7) ---------------------------------------------------------------------------
@@ -175,7 +213,7 @@ def test_only_the_phrase_green_token_is_supervised():
 
 # --- data: UNet stage flat canvas (defect 3), head targets (defect 4) ----------------------------------------
 def test_unet_stage_samples_are_a_pure_flat_canvas():
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     assert cfg.data.unet_realism == 0.0 and cfg.data.head_realism == 1.0
     key = tuple(cfg.data.key_color)
     comp = Composer(64, seed=0, realism=cfg.data.unet_realism, key=key)

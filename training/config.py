@@ -14,11 +14,20 @@ import copy
 import difflib
 import json
 import math
-import tomllib
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (ComfyUI supports >= 3.10): the same parser, published as tomli
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        raise ImportError("the trainer reads TOML configs: on Python 3.10 it needs the `tomli` package "
+                          "(`pip install -r requirements.txt` installs it there); Python 3.11 and newer have "
+                          "it built in as tomllib") from None
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ("tiny",)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from ..models.atomic import atomic_path
-from . import config as C
-from . import report as R
-from . import state as S
+from . import config
+from . import report
+from . import state
 from .head_stage import HeadStage
 from .session import Session, TrainError
 from .stage import Stage
@@ -67,7 +67,7 @@ def all_finite(tensors) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: C.TrainConfig, dist, resume: str | None = None, log=None,
+    def __init__(self, cfg: config.TrainConfig, dist, resume: str | None = None, log=None,
                  stop_after: int | None = None):
         self.cfg = cfg
         self.dist = dist
@@ -83,7 +83,7 @@ class Trainer:
         self.final_losses: dict = {}
         self.timing: dict = {}
         self.files: dict = {}
-        self.csv = R.CsvLog(self.out / "log.csv", enabled=dist.is_main)
+        self.csv = report.CsvLog(self.out / "log.csv", enabled=dist.is_main)
 
     def log(self, *msg):
         self.session.log(*msg)
@@ -94,60 +94,61 @@ class Trainer:
         if not all_finite(tensors.values()):
             raise TrainError(f"the {stage.name} weights became non-finite by step {step}; nothing was written for "
                              f"it. {self._resume_hint(stage)}")
-        state = {"done": done, "measures": self.measures, "final_losses": self.final_losses,
-                 "config": self.cfg.to_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+        run_state = {"done": done, "measures": self.measures, "final_losses": self.final_losses,
+                     "config": self.cfg.to_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
         if self.dist.is_main:
-            path = S.save_checkpoint(self.ckpt_root, stage.name, step, tensors, stage.optimizer, state,
-                                     self.cfg.run.keep_checkpoints)
+            path = state.save_checkpoint(self.ckpt_root, stage.name, step, tensors, stage.optimizer, run_state,
+                                         self.cfg.run.keep_checkpoints)
             self.log(f"checkpoint {path}")
         self.dist.barrier()
 
     def _resume_hint(self, stage: Stage) -> str:
-        last = S.latest_checkpoint(self.ckpt_root)
+        last = state.latest_checkpoint(self.ckpt_root)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         return (f"Stopped: {where}. Lower {stage.name}.lr (now {stage.section.lr:g}) or the loss weights, then "
                 f"{'continue with --resume' if last else 'start again'}.")
 
     def announce_checkpoint_size(self, stage: Stage):
-        weights, opt = S.checkpoint_bytes(stage.trainable_state(), stage.params)
+        weights, opt = state.checkpoint_bytes(stage.trainable_state(), stage.params)
         keep = self.cfg.run.keep_checkpoints
         total = weights * keep + opt
-        self.log(f"checkpoints of the {stage.name} stage: about {R.human_bytes(weights + opt)} each "
-                 f"({R.human_bytes(weights)} weights + {R.human_bytes(opt)} optimizer state, kept in the newest "
-                 f"only); with run.keep_checkpoints = {keep}: about {R.human_bytes(total)} on disk")
+        self.log(f"checkpoints of the {stage.name} stage: about {report.human_bytes(weights + opt)} each "
+                 f"({report.human_bytes(weights)} weights + {report.human_bytes(opt)} optimizer state, kept in the "
+                 f"newest only); with run.keep_checkpoints = {keep}: about {report.human_bytes(total)} on disk")
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.out).free
             if free < total:
-                self.log(f"warning: only {R.human_bytes(free)} free in {self.out}: the checkpoints need about "
-                         f"{R.human_bytes(total)}; free space or lower run.keep_checkpoints")
+                self.log(f"warning: only {report.human_bytes(free)} free in {self.out}: the checkpoints need about "
+                         f"{report.human_bytes(total)}; free space or lower run.keep_checkpoints")
 
     def resume_point(self):
         """(((stage, checkpoint contents) to continue or None, [stages already done]), (stage, step) or None)."""
         if not self.resume_path:
             return (None, []), None
         if self.resume_path == "auto":
-            path = S.latest_checkpoint(self.ckpt_root)
+            path = state.latest_checkpoint(self.ckpt_root)
             if path is None:
-                raise C.ConfigError(f"--resume: no checkpoint in {self.ckpt_root}; start without --resume")
+                raise config.ConfigError(f"--resume: no checkpoint in {self.ckpt_root}; start without --resume")
         else:
             path = Path(self.resume_path)
         try:
-            mt, ot, rng, st = S.read_checkpoint(path)
-            old = C.from_dict(st["config"])
+            mt, ot, rng, st = state.read_checkpoint(path)
+            old = config.from_dict(st["config"])
             stage, step = st["stage"], int(st["step"])
         except (ValueError, KeyError, TypeError) as e:
-            raise C.ConfigError(str(e) if isinstance(e, ValueError) else
-                                f"--resume {str(path)!r}: state.json lacks {e}; not a checkpoint of this trainer") \
+            raise config.ConfigError(str(e) if isinstance(e, ValueError) else
+                                     f"--resume {str(path)!r}: state.json lacks {e}; not a checkpoint of this "
+                                     f"trainer") \
                 from None
-        changed = C.changed_identity(old, self.cfg)
+        changed = config.changed_identity(old, self.cfg)
         if changed:
-            raise C.ConfigError(f"--resume {path.name}: these settings differ from the run being resumed and would "
-                                f"change its data or model: {', '.join(changed)}; resume with the same values "
-                                f"(or start a new run in another --out)")
+            raise config.ConfigError(f"--resume {path.name}: these settings differ from the run being resumed and "
+                                     f"would change its data or model: {', '.join(changed)}; resume with the same "
+                                     f"values (or start a new run in another --out)")
         self.measures = dict(st.get("measures") or {})
         self.final_losses = dict(st.get("final_losses") or {})
-        done = [s for s in self.cfg.run.stages if S.STAGE_ORDER[s] < S.STAGE_ORDER[stage]]
+        done = [s for s in self.cfg.run.stages if state.STAGE_ORDER[s] < state.STAGE_ORDER[stage]]
         if st.get("done"):
             done.append(stage)
             return (None, done), (stage, step)
@@ -161,8 +162,8 @@ class Trainer:
             self.log(f"the checkpoint has no optimizer state (only the newest one keeps it): continuing "
                      f"{stage.name} with a fresh AdamW state (not bit-identical to an uninterrupted run)")
         else:
-            S.load_optimizer(stage.optimizer, ot, st["optimizer"])
-        S.restore_rng(rng)
+            state.load_optimizer(stage.optimizer, ot, st["optimizer"])
+        state.restore_rng(rng)
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         start = int(st["step"])
@@ -300,8 +301,8 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def write_summary(self, complete: bool, error: str | None = None):
         if self.dist.is_main:
-            R.write_summary(self.out / "summary.json", complete, self.measures, self.final_losses, self.files,
-                            self.session.bad_samples(), self.timing, error)
+            report.write_summary(self.out / "summary.json", complete, self.measures, self.final_losses, self.files,
+                                 self.session.bad_samples(), self.timing, error)
 
     def run(self) -> int:
         """Run the configured stages; returns the process exit code (0 done, 130 interrupted).
@@ -314,7 +315,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out / "config.toml") as tmp:
-                tmp.write_text(C.to_toml(cfg), encoding="utf-8")
+                tmp.write_text(config.to_toml(cfg), encoding="utf-8")
             if at is not None:
                 self.csv.truncate(*at)
         self.dist.barrier()
@@ -341,6 +342,6 @@ class Trainer:
             raise
         self.write_summary(complete=True)
         if self.dist.is_main:
-            for line in R.final_lines(self.measures, self.final_losses, self.timing, s.bad_samples()):
+            for line in report.final_lines(self.measures, self.final_losses, self.timing, s.bad_samples()):
                 s._print(line)
         return 0

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..models.atomic import atomic_path
-from . import config as C
+from . import config
 from .data import Composer, StepData, cache_key, scan_folder, synthetic_items
 from .distributed import Dist
 from .host import import_comfy
@@ -38,13 +38,13 @@ def pick_device(pref: str, dist: Dist) -> torch.device:
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise C.ConfigError(f"run.device {pref!r} but this machine has no CUDA GPU that torch can use "
-                            f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch")
+        raise config.ConfigError(f"run.device {pref!r} but this machine has no CUDA GPU that torch can use "
+                                 f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch")
     if dist.enabled:
         return torch.device("cuda", dist.local_rank)
     if pref.startswith("cuda:") and int(pref[5:]) >= torch.cuda.device_count():
-        raise C.ConfigError(f"run.device {pref!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise config.ConfigError(f"run.device {pref!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                 f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(pref if pref.startswith("cuda:") else "cuda")
 
 
@@ -59,7 +59,7 @@ def pick_amp_dtype(mode: str, device: torch.device):
 class Session:
     """Models, data and caches shared by the stages of one run."""
 
-    def __init__(self, cfg: C.TrainConfig, dist: Dist, log=None):
+    def __init__(self, cfg: config.TrainConfig, dist: Dist, log=None):
         self.cfg = cfg
         self.dist = dist
         self.out = Path(cfg.run.out)
@@ -103,11 +103,11 @@ class Session:
             patcher, clip, vae, _ = comfy_sd.load_checkpoint_guess_config(
                 str(path), output_vae=True, output_clip=True, model_options={"dtype": torch.float32})
         except RuntimeError as e:
-            raise C.ConfigError(f"model.checkpoint {str(path)!r} could not be loaded as a Stable Diffusion "
-                                f"checkpoint ({e}); pass an SD1.x/SD2/SDXL .safetensors file") from None
+            raise config.ConfigError(f"model.checkpoint {str(path)!r} could not be loaded as a Stable Diffusion "
+                                     f"checkpoint ({e}); pass an SD1.x/SD2/SDXL .safetensors file") from None
         if patcher is None or clip is None or vae is None:
-            raise C.ConfigError(f"model.checkpoint {str(path)!r} lacks a UNet, text encoder or VAE: the trainer "
-                                f"needs a full SD1.x/SD2/SDXL checkpoint")
+            raise config.ConfigError(f"model.checkpoint {str(path)!r} lacks a UNet, text encoder or VAE: the trainer "
+                                     f"needs a full SD1.x/SD2/SDXL checkpoint")
         self.base = patcher.model
         self.clip = clip
         self.vae = vae
@@ -123,8 +123,8 @@ class Session:
         pred = self.cfg.model.prediction
         if pred == "auto":
             if native is None:
-                raise C.ConfigError(f"the checkpoint predicts {mt}; the trainer handles eps and v models "
-                                    f"(SD1.x/SD2/SDXL); set model.prediction explicitly if it is one of them")
+                raise config.ConfigError(f"the checkpoint predicts {mt}; the trainer handles eps and v models "
+                                         f"(SD1.x/SD2/SDXL); set model.prediction explicitly if it is one of them")
             pred = native
         self.prediction = pred
         sig = self.base.model_sampling.sigmas.float().cpu()
@@ -148,7 +148,7 @@ class Session:
             try:
                 items, bad = scan_folder(d.path, d.layout, d.caption_template, log=self.log, foreground=d.foreground)
             except ValueError as e:
-                raise C.ConfigError(f"data.path: {e}") from None
+                raise config.ConfigError(f"data.path: {e}") from None
             self.bad_files = bad
             hold = items[len(items) - d.holdout:] if 0 < d.holdout < len(items) else []
             train = items[: len(items) - len(hold)]

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import losses as L
+from ..models import losses
 from ..models.atomic import atomic_path
-from . import config as C
+from . import config
 from .attention import GreenAttentionCapture, select_blocks
 from .data import global_positions
 from .report import over_checker, write_grid
@@ -74,7 +74,7 @@ def edge_band(alpha: torch.Tensor, width: int) -> torch.Tensor:
 def mean_edge_gradient(images: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
     """(B,) mean Sobel magnitude of the luma of (B,3,H,W) images inside `band`."""
     luma = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).unsqueeze(1)
-    mag = L.sobel_magnitude(luma)
+    mag = losses.sobel_magnitude(luma)
     w = band.float()
     return (mag * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1.0)
 
@@ -103,7 +103,7 @@ class UnetStage(Stage):
             try:
                 self.lora = LoraSet(unet, u.lora_targets, u.lora_rank, u.lora_alpha, seed=self.cfg.run.seed)
             except ValueError as e:
-                raise C.ConfigError(str(e)) from None
+                raise config.ConfigError(str(e)) from None
             self.lora.to(s.device).attach()
             self.params = list(self.lora.parameters())
         else:
@@ -125,7 +125,7 @@ class UnetStage(Stage):
         try:
             blocks = select_blocks(unet, lo.green_factors, tuple(lo.green_parts))
         except ValueError as e:
-            raise C.ConfigError(str(e)) from None
+            raise config.ConfigError(str(e)) from None
         self.capture = GreenAttentionCapture(blocks)
         s.log(f"green loss on {len(blocks)} cross-attention blocks: "
               + ", ".join(f"{b.part}{b.index}(1/{b.factor})" for b in blocks))
@@ -175,7 +175,7 @@ class UnetStage(Stage):
         cond, y, ind, has = s.conditioning(captions)
         ab = s.alphas_cumprod[t].to(s.device)
         noise = noise.to(s.device)
-        x_t = L.add_noise(x0, noise, ab)
+        x_t = losses.add_noise(x0, noise, ab)
         want_green = lo.green > 0
         self.capture.set_tokens(ind if want_green else None)
         opts = self.capture.transformer_options() if want_green else {}
@@ -183,18 +183,18 @@ class UnetStage(Stage):
             out = (self.ddp if train else self.module)(x_t, t.float().to(s.device), cond, y, opts)
         out = out.float()
         parts = {}
-        target = L.diffusion_target(x0, noise, ab, s.prediction)
-        total = lo.diffusion * L.diffusion_loss(out, target) if lo.diffusion > 0 else out.new_zeros(())
-        parts["diffusion"] = L.diffusion_loss(out.detach(), target)
+        target = losses.diffusion_target(x0, noise, ab, s.prediction)
+        total = lo.diffusion * losses.diffusion_loss(out, target) if lo.diffusion > 0 else out.new_zeros(())
+        parts["diffusion"] = losses.diffusion_loss(out.detach(), target)
         if want_green:
-            lg = L.green_attention_loss(self.capture.maps(), alpha.to(s.device), tuple(x0.shape[-2:]),
-                                        sample_weight=has)
+            lg = losses.green_attention_loss(self.capture.maps(), alpha.to(s.device), tuple(x0.shape[-2:]),
+                                             sample_weight=has)
             total = total + lo.green * lg
             parts["green"] = lg.detach()
         if lo.detail > 0:
-            x0_hat = L.predicted_x0(x_t, out, ab, s.prediction)
-            w = L.detail_sample_weight(ab, s.prediction, lo.detail_weighting)
-            ld = L.detail_loss(x0_hat, x0, alpha.to(s.device), lo.detail_band_weight, sample_weight=w)
+            x0_hat = losses.predicted_x0(x_t, out, ab, s.prediction)
+            w = losses.detail_sample_weight(ab, s.prediction, lo.detail_weighting)
+            ld = losses.detail_loss(x0_hat, x0, alpha.to(s.device), lo.detail_band_weight, sample_weight=w)
             total = total + lo.detail * ld
             parts["detail"] = ld.detach()
         self.capture.set_tokens(None)     # the loop runs backward after this (checkpointing re-runs blocks)
@@ -236,16 +236,16 @@ class UnetStage(Stage):
             ab = s.alphas_cumprod[t].to(s.device)
             self.capture.set_tokens(ind)
             with s.autocast():
-                self.module(L.add_noise(x0, noise, ab), t.float().to(s.device), cond, y,
+                self.module(losses.add_noise(x0, noise, ab), t.float().to(s.device), cond, y,
                             self.capture.transformer_options())
             maps = self.capture.maps()
             self.capture.set_tokens(None)
             hw = tuple(x0.shape[-2:])
-            finest = max((L._map_hw(m, hw) for m in maps), key=lambda m: m.shape[-1])
+            finest = max((losses._map_hw(m, hw) for m in maps), key=lambda m: m.shape[-1])
             size = tuple(finest.shape[-2:])
-            mean_map = torch.stack([F.interpolate(L._map_hw(m.float(), hw), size=size, mode="bilinear",
+            mean_map = torch.stack([F.interpolate(losses._map_hw(m.float(), hw), size=size, mode="bilinear",
                                                   align_corners=False) for m in maps]).mean(0)
-            scores.append(L.attention_iou(mean_map, alpha)[has > 0])
+            scores.append(losses.attention_iou(mean_map, alpha)[has > 0])
         return float(torch.cat(scores).mean())
 
     def _edge_reference(self, x0, alpha):
@@ -267,10 +267,10 @@ class UnetStage(Stage):
         t = torch.full((x0.shape[0],), EDGE_TIMESTEP)
         ab = s.alphas_cumprod[t].to(s.device)
         noise = self._fixed_noise(x0.shape, EDGE_TIMESTEP)
-        x_t = L.add_noise(x0, noise, ab)
+        x_t = losses.add_noise(x0, noise, ab)
         with s.autocast():
             out = self.module(x_t, t.float().to(s.device), cond, y, {}).float()
-        x0_hat = L.predicted_x0(x_t, out, ab, s.prediction)
+        x0_hat = losses.predicted_x0(x_t, out, ab, s.prediction)
         got = mean_edge_gradient(s.decode_latents(x0_hat), band)
         return float((got / ref.clamp_min(1e-6)).mean())
 
@@ -284,7 +284,7 @@ class UnetStage(Stage):
         h, w = -(-x0.shape[-2] // f), -(-x0.shape[-1] // f)
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         prior = (yy ** 2 + xx ** 2).sqrt().to(alpha.device).expand(alpha.shape[0], 1, h, w).contiguous()
-        iou = L.attention_iou(prior, alpha)
+        iou = losses.attention_iou(prior, alpha)
         band, ref = self._edge_reference(x0, alpha)
         flat = x0.mean(dim=(0, 2, 3), keepdim=True).expand_as(x0).contiguous()
         got = mean_edge_gradient(self.s.decode_latents(flat), band)

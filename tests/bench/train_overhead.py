@@ -60,17 +60,17 @@ def child(case: str, ckpt: str, steps: int, threads: int, resolution: int, batch
         if cuda:
             torch.cuda.synchronize()
 
-    from diffumatting.training import config as C
+    from diffumatting.training import config
     from diffumatting.training.distributed import Dist
     from diffumatting.training.session import Session
     from diffumatting.training.unet_stage import UnetStage
 
     torch.set_num_threads(threads)
-    cfg = C.build(None, str(ROOT / "configs" / "default.toml"), {
+    cfg = config.build(None, str(ROOT / "configs" / "default.toml"), {
         "run": {"out": tempfile.mkdtemp(prefix="dm_bench_"), "threads": threads, "device": device},
         "model": {"checkpoint": ckpt}, "unet": {"batch_size": batch, "warmup": 0},
         "data": {"source": "synthetic", "resolution": resolution, "synthetic_count": batch, "holdout": 0}})
-    C.validate(cfg)
+    config.validate(cfg)
     weights = {"plain": (0.0, 0.0), "losses": (cfg.loss.green, cfg.loss.detail)}
     session = Session(cfg, Dist(), log=lambda *a: None)
     session.load_models()
