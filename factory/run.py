@@ -17,10 +17,11 @@ from pathlib import Path
 
 from ..models import dataset_quality as Q
 from ..models.dataset_images import IMAGE_SUFFIXES, contact_sheet, read_image_file, read_png_float
+from ..models.asset_export import prompt_stem
 from ..models.atomic import write_bytes_atomic
 from ..models.png import encode_png
 
-from .jobs import Job, slug
+from .jobs import Job
 from .output import SHEET, OutputError, OutputFolder, disk_error
 from .sample import SampleOptions, build_sample
 from .scheduler import Scheduler, SchedulerError, Server, fetch_object_info
@@ -127,13 +128,14 @@ def hash_models(names: list[str], models_dir: Path | None) -> dict[str, str | No
 
 
 def asset_names(jobs: list[Job]) -> dict[str, str]:
-    """Artist file names: the prompt's words and the sample number; the id's hash where words collide."""
+    """Artist file names: the prompt's words (models/asset_export.prompt_stem, as the Save Transparent Batch
+    node names its files) and the sample number; the id's hash where two prompts have the same words."""
     words: dict[str, set] = {}
     for j in jobs:
-        words.setdefault(slug(j.prompt, 60), set()).add(j.prompt)
+        words.setdefault(prompt_stem(j.prompt), set()).add(j.prompt)
     out = {}
     for j in jobs:
-        w = slug(j.prompt, 60)
+        w = prompt_stem(j.prompt)
         tail = f"-{j.id.rsplit('-', 1)[-1]}" if len(words[w]) > 1 else ""
         out[j.id] = f"{w}{tail}-{j.index + 1:03d}"
     return out
@@ -181,6 +183,7 @@ class Run:
                 "status": "rejected" if rejected else "accepted", "reasons": reasons, "files": names,
                 "size": list(sample.size), "scores": scores, "models": self.models,
                 "workflow_sha256": self.workflow_sha, "settings": self.settings, "server": result.server.name,
+                "prompt_id": result.prompt_id,
                 "timings": {**result.timings, "post_s": round(post_s, 4)}, **sample.extra,
             }
             await loop.run_in_executor(self.writer, self.folder.commit, record, sample.files)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..models import dataset_quality as Q
-from ..models.alpha import alpha_bbox, trim_to_alpha
+from ..models.alpha import alpha_bbox
+from ..models.asset_export import asset_png
 from ..models.dataset_images import composite, read_png_float
 from ..models.png import encode_png
 
@@ -54,10 +55,10 @@ def build_sample(job, pngs: dict[str, bytes], opts: SampleOptions, has_head: boo
     files: dict[str, bytes] = {}
     extra: dict = {}
     if opts.assets:
-        # The same trim as Save Transparent PNG's: the alpha's bounding box plus transparent padding.
-        rgba = torch.from_numpy(np.concatenate([fg, alpha[..., None]], axis=-1))
-        files["asset.png"] = encode_png(trim_to_alpha(rgba, opts.asset_padding).numpy(), opts.asset_bits)
-        extra["trim_box"] = alpha_bbox(rgba[..., 3])
+        # The same trim and encoding as the Save Transparent Batch node's (models/asset_export).
+        rgba = np.concatenate([fg, alpha[..., None]], axis=-1)
+        files["asset.png"], _ = asset_png(rgba, opts.asset_padding, opts.asset_bits)
+        extra["trim_box"] = alpha_bbox(torch.from_numpy(alpha))
     else:
         files["fg.png"] = encode_png(fg, 16)
         files["alpha.png"] = encode_png(alpha, 16)

@@ -77,6 +77,7 @@ class Result:
     server: Server
     files: dict[str, bytes]           # save role -> PNG bytes
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_id: str = ""               # the server's id of the prompt that made it (its /history entry)
 
 
 Build = Callable[[object], tuple[dict, dict[str, str]]]   # job -> (API prompt, role -> save node id)
@@ -267,17 +268,23 @@ class Scheduler:
             async with session.post(server.url + "/prompt", json=body) as r:
                 text = await r.text()
                 if r.status == 400:
-                    exc = PromptRejected(f"{server.name} refused the workflow for sample {job.id}: "
-                                         f"{_short_error(text)}")
-                    self._fatal = exc
-                    self._wake.set()
-                    raise exc
+                    self._reject(f"{server.name} refused the workflow for sample {job.id}: {_short_error(text)}")
                 if r.status != 200:
                     raise ServerDied(f"POST /prompt answered HTTP {r.status}: {text[:300]}")
+                if _node_errors(text):  # accepted, but the outputs that failed validation would be dropped
+                    self._reject(f"{server.name} refused part of the workflow for sample {job.id}: "
+                                 f"{_short_error(text)}")
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise ServerDied(f"POST /prompt failed: {e}") from None
         self.attempts[job.id] += 1
         return pid, roles
+
+    def _reject(self, message: str):
+        """The workflow is wrong for every server: stop the run with this message."""
+        exc = PromptRejected(message)
+        self._fatal = exc
+        self._wake.set()
+        raise exc
 
     async def _read_ws(self, ws, conn: "_Connection") -> None:
         waiting, started = conn.waiting, conn.started
@@ -335,7 +342,7 @@ class Scheduler:
                                              "exec_s": round(t_done - t_start, 4),
                                              "fetch_s": round(t_fetched - t_done, 4),
                                              "total_s": round(t_fetched - t_submit, 4),
-                                             "server_exec_s": server_exec})
+                                             "server_exec_s": server_exec}, pid)
         task = asyncio.create_task(self._commit_once(result))
         self._commit_tasks.add(task)
         task.add_done_callback(self._commit_tasks.discard)
@@ -430,6 +437,15 @@ def server_exec_seconds(entry: dict) -> float | None:
               if isinstance(data, dict)}
     start, end = stamps.get("execution_start"), stamps.get("execution_success")
     return None if start is None or end is None else (end - start) / 1000.0
+
+
+def _node_errors(text: str) -> dict:
+    """The node_errors of a POST /prompt answer (empty when there are none or it is not JSON)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return (data.get("node_errors") or {}) if isinstance(data, dict) else {}
 
 
 def _short_error(text: str) -> str:

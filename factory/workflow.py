@@ -93,7 +93,25 @@ def _new_id(prompt: dict, used: set) -> str:
     return str(n)
 
 
-def _keying(prompt: dict, used: set, notes: list) -> tuple[list, list, list | None]:
+def widget_defaults(object_info: dict, class_type: str) -> dict:
+    """The default value of every widget input of `class_type` in the server's /object_info (a list's first
+    option where no default is given). A node queued without its widget values is refused by the server
+    ("Required input is missing"), which then drops that output and still runs the rest."""
+    out = {}
+    spec = object_info[class_type]["input"]
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif isinstance(kind, list) and kind:          # older list form of a Combo
+                out[name] = kind[0]
+            elif kind == "COMBO" and opts.get("options"):   # V3 Combo
+                out[name] = opts["options"][0]
+    return out
+
+
+def _keying(prompt: dict, used: set, notes: list, object_info: dict) -> tuple[list, list, list | None]:
     """(key rgba output, green original output, head alpha output or None) as [node id, slot] links."""
     gps = [nid for nid, n in prompt.items() if n["class_type"] == GREENPOST_NODE]
     if len(gps) > 1:
@@ -119,7 +137,9 @@ def _keying(prompt: dict, used: set, notes: list) -> tuple[list, list, list | No
                                 f"no GreenPost node follows; turn refinement on or add a GreenPost node")
     dec["refine_with_greenpost"] = False
     gid = _new_id(prompt, used)
-    prompt[gid] = {"class_type": GREENPOST_NODE, "inputs": {"image": [did, 0], "alpha_prior": [did, 1]},
+    prompt[gid] = {"class_type": GREENPOST_NODE,
+                   "inputs": {**widget_defaults(object_info, GREENPOST_NODE), "image": [did, 0],
+                              "alpha_prior": [did, 1]},
                    "_meta": {"title": "GreenPost (dataset: decode refinement, default options)"}}
     notes.append(f"decode {did}: head refinement moved into GreenPost node {gid} (same default options)")
     return [gid, 2], [did, 0], [did, 1]
@@ -149,7 +169,7 @@ def plan_workflow(api_prompt: dict, object_info: dict) -> Plan:
                                 f"positive conditioning; use a prompt node such as CLIP Text Encode or Green Prompt")
     used: set = set()
     notes: list = []
-    key, green, head = _keying(prompt, used, notes)
+    key, green, head = _keying(prompt, used, notes, object_info)
     for nid in [nid for nid, n in prompt.items() if object_info[n["class_type"]].get("output_node")]:
         del prompt[nid]
     saves = {}

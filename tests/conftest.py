@@ -88,9 +88,17 @@ def comfy_server(server_base, server_models):
 
 
 @pytest.fixture(scope="session")
-def server_models(server_base) -> dict:
+def tiny_sd15_path(comfy_host, tmp_path_factory) -> Path:
+    """The session's tiny SD1.5-shaped checkpoint (seed 0), built once."""
+    from support.tiny_sd15 import cached_tiny_sd15_checkpoint
+
+    return cached_tiny_sd15_checkpoint(tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+@pytest.fixture(scope="session")
+def server_models(server_base, tiny_sd15_path) -> dict:
     """Files placed in the server's model folders before it starts (extended by later issues)."""
     from fixtures_host import populate_server_models
 
-    return populate_server_models(server_base)
+    return populate_server_models(server_base, sd15_built=tiny_sd15_path)
 

@@ -24,9 +24,9 @@ TINY_SIZE, TINY_STEPS = 64, 2
 _LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
 
-def populate_server_models(base: Path, sdxl: bool = True) -> dict:
-    """Write the test inputs and models into `base` (the SDXL fixture, 2 GB, only with `sdxl`); returns their
-    names."""
+def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | None = None) -> dict:
+    """Write the test inputs and models into `base` (the SDXL fixture, 2 GB, only with `sdxl`; the tiny SD1.5
+    checkpoint linked from `sd15_built` when given, see write_generation_models); returns their names."""
     from support.samples import write_green_sample
 
     names = {}
@@ -37,7 +37,7 @@ def populate_server_models(base: Path, sdxl: bool = True) -> dict:
     from support.tiny_families import build_tiny_sdxl_checkpoint, write_random_sdxl_lora
     from support.tiny_sd15 import write_generation_models
 
-    names["generation"] = write_generation_models(base)
+    names["generation"] = write_generation_models(base, built=sd15_built)
     names["workflow_loras"] = {"transparent_sd15": names["generation"]["loras"][0],
                                "transparent_sd15_diffumatting": names["generation"]["loras"][1],
                                "transparent_sdxl": SDXL_LORA_NAME}

@@ -40,12 +40,12 @@ def _lines(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
 
 
-def _fast_workflow() -> dict:
-    """The shipped green-canvas workflow with one sampling step: the tiny model's samples cost seconds on
-    this CPU, and the steps do not change what the dataset code does with them."""
+def _fast_workflow(path: Path = WORKFLOW) -> dict:
+    """A shipped workflow (default: the green-canvas one) with one sampling step: the tiny model's samples cost
+    seconds on this CPU, and the steps do not change what the dataset code does with them."""
     from fixtures_host import shrink_for_tiny
 
-    wf = shrink_for_tiny(json.loads(WORKFLOW.read_text()))
+    wf = shrink_for_tiny(json.loads(path.read_text()))
     for node in wf["nodes"]:
         if node["type"] == "KSampler":
             node["widgets_values"][2] = 1
@@ -60,7 +60,7 @@ def _config(out, jobs, servers, **kw):
 
 @pytest.fixture(scope="module")
 def killed_run(comfy_server, second_server, tmp_path_factory):
-    """6 samples on servers A and B; B is killed (SIGKILL) after its first finished sample."""
+    """4 samples on servers A and B; B is killed (SIGKILL) after its first finished sample."""
     from diffumatting.factory.jobs import make_jobs
     from diffumatting.factory.run import run_dataset
     from diffumatting.factory.scheduler import Server
@@ -148,20 +148,61 @@ def test_full_output_disk_is_a_clear_error(killed_run, tmp_path):
     from diffumatting.factory.run import run_dataset
     from diffumatting.factory.scheduler import Server
 
+    from support.small_disk import small_tmpfs
+
     _, _, _, server_a = killed_run
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode(errors='replace')}")
-    try:
-        cfg = _config(mount / "ds", make_jobs(["a tin can"], 3, base_seed=3), [Server(server_a.url)], filter=False)
+    with small_tmpfs(tmp_path / "small_disk", "48k") as mount:
+        # depth 1: the first sample's write fails and no second sample is running then (at depth 2 the run
+        # would wait for it before stopping; it adds nothing to this test)
+        cfg = _config(mount / "ds", make_jobs(["a tin can"], 3, base_seed=3), [Server(server_a.url)],
+                      filter=False, depth=1)
         with pytest.raises(OutputError, match="output disk is full") as e:
             run_dataset(cfg, log=lambda m: None, install_sigint=False)
         assert "resume" in str(e.value)
         assert not list((mount / "ds").rglob(".*")), "no partial files left on the full disk"
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_head_workflow_makes_a_sample(comfy_server, tmp_path):
+    """`make dataset-demo`'s default workflow (a matting head, its refinement moved into a GreenPost node the
+    plan adds): one sample through the server, the head's alpha kept beside GreenPost's."""
+    from diffumatting.factory.jobs import make_jobs
+    from diffumatting.factory.run import RunConfig, run_dataset
+    from diffumatting.factory.scheduler import Server
+
+    workflow = _fast_workflow(ROOT / "workflows" / "transparent_sd15_diffumatting.json")
+    cfg = RunConfig(tmp_path / "ds", workflow, make_jobs(["a glass"], 1, base_seed=5), [Server(comfy_server.url)],
+                    progress=False, filter=False, depth=1)
+    summary = run_dataset(cfg, log=lambda m: None, install_sigint=False)
+    assert summary["made"] == 1 and summary["failed"] == {}, summary
+    (rec,) = _lines(tmp_path / "ds")
+    assert {"fg.png", "alpha.png", "head_alpha.png"} <= set(rec["files"])
+    assert rec["scores"]["head_mad"] is not None and rec["scores"]["head_iou"] is not None
+
+
+def test_prompt_with_an_invalid_output_stops_the_run(comfy_server):
+    """The server runs what validates and drops the rest without an error (it only logs "Output will be
+    ignored"): the scheduler refuses such a prompt with the server's reasons instead of waiting for files."""
+    import asyncio
+
+    from diffumatting.factory.jobs import make_jobs
+    from diffumatting.factory.scheduler import PromptRejected, Scheduler, Server
+
+    def save(image):
+        return {"class_type": "DiffuMattingSaveRGBA", "inputs": {
+            "image": image, "filename_prefix": "tests/partial", "bit_depth": "8", "trim": False, "padding": 0,
+            "save_matte": False}}
+
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+              "2": save(["1", 0]),
+              "3": {"class_type": "DiffuMattingGreenPost", "inputs": {"image": ["1", 0]}},  # widgets missing
+              "4": save(["3", 2])}
+
+    async def commit(result):
+        raise AssertionError("nothing may be committed")
+
+    sched = Scheduler([Server(comfy_server.url)], lambda job: (prompt, {"key": "4"}), commit, depth=1)
+    with pytest.raises(PromptRejected, match="refused part of the workflow.*Required input is missing"):
+        asyncio.run(sched.run(make_jobs(["x"], 1)))
 
 
 def test_plan_adapts_every_shipped_workflow(comfy_server):

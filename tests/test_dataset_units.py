@@ -238,3 +238,13 @@ def test_cli_unreachable_server_is_a_clear_error(tmp_path, capsys):
     assert code == 1
     assert "unreachable" in err and url in err
     assert not (tmp_path / "o" / "manifest.jsonl").exists()
+
+
+def test_widget_defaults_from_object_info():
+    from diffumatting.factory.workflow import widget_defaults
+
+    info = {"N": {"input": {"required": {"image": ["IMAGE", {"tooltip": "x"}], "mode": ["COMBO", {"options": ["a", "b"]}],
+                                         "old": [["p", "q"], {}], "k": ["FLOAT", {"default": 0.5}]},
+                            "optional": {"r": ["COMBO", {"options": ["x", "y"], "default": "y"}],
+                                         "alpha": ["MASK", {}]}}}}
+    assert widget_defaults(info, "N") == {"mode": "a", "old": "p", "k": 0.5, "r": "y"}

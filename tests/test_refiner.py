@@ -182,7 +182,7 @@ def test_refiner_never_changes_what_the_classical_key_is_sure_of(bias):
     sure = (a_off <= R.SURE) | (a_off >= 1 - R.SURE)
     assert int((a_off == 0).sum()) > 1000 and int((a_off == 1).sum()) > 500 and bool((~sure).any())
     assert torch.equal(a_on[sure], a_off[sure])
-    assert float((a_on[~sure] - a_off[~sure]).abs().mean()) > 0.1  # the hostile network did act on the band
+    assert float((a_on[~sure] - a_off[~sure]).abs().mean()) > 0.05  # the hostile network did act on the band
 
 
 def test_refine_alpha_with_an_empty_band_is_the_identity():

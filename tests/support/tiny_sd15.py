@@ -5,6 +5,7 @@ the model files the real-server tests place in a ComfyUI base directory. Needs C
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -102,12 +103,22 @@ TINY_UNET_NAME = "diffumatting_tiny_unet.safetensors"
 TINY_LORA_NAMES = ("diffumatting_style_a.safetensors", "diffumatting_style_b.safetensors")
 
 
-def write_generation_models(base, seed: int = 0) -> dict:
+def write_generation_models(base, seed: int = 0, built: Path | None = None) -> dict:
     """Write into a ComfyUI base dir: models/checkpoints/<TINY_CHECKPOINT_NAME>, the tiny checkpoint's
     'fine-tuned' UNet in models/diffumatting/<TINY_UNET_NAME> (ComfyUI `diffusion_model.` layout), and two
-    random kohya LoRAs in models/loras. Returns their names."""
+    random kohya LoRAs in models/loras. Returns their names.
+
+    `built`: the tiny checkpoint of this seed already built on the same file system (a test session's
+    `cached_tiny_sd15_checkpoint`), hard-linked instead of built again."""
     models = Path(base) / "models"
-    build_tiny_sd15_checkpoint(models / "checkpoints" / TINY_CHECKPOINT_NAME, seed)
+    target = models / "checkpoints" / TINY_CHECKPOINT_NAME
+    if built is None:
+        build_tiny_sd15_checkpoint(target, seed)
+    else:
+        if Path(built).name != f"tiny_sd15_seed{seed}.safetensors":
+            raise ValueError(f"built checkpoint {built} is not the seed-{seed} tiny checkpoint")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(built, target)
     unet = {"diffusion_model." + k: v for k, v in tiny_unet_finetune(seed + 1, base_seed=seed).items()}
     save_safetensors_atomic(unet, models / "diffumatting" / TINY_UNET_NAME,
                             {"diffumatting": "tiny fine-tuned UNet for tests, random weights"})
