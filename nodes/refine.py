@@ -13,13 +13,11 @@ from comfy_api.latest import io, ui
 
 from ..models.alpha import parse_hex_color
 from ..models.greenpost import OPTION_DOCS, GreenPostOptions, KeyMode, RefinerChoice, greenpost
+from ._alpha_sockets import alpha_output, transparency_mask_output
 from ._schema import CATEGORY, enum_options, enum_value, schema
 
 FAMILY = f"{CATEGORY}/refine"
 
-ALPHA_TIP = "Opacity, 1 = opaque object (the convention of this pack's `alpha` sockets and of segmenters)."
-TMASK_TIP = ("Transparency mask, 1 = transparent (= 1 - alpha): the MASK that core's LoadImage and "
-             "SplitImageWithAlpha output and JoinImageWithAlpha expects.")
 
 
 def _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white,
@@ -74,11 +72,11 @@ class GreenPost(io.ComfyNode):
                 io.Image.Output("foreground", display_name="foreground",
                                 tooltip="Straight (not premultiplied) RGB of the object with the green spill "
                                         "removed; use it with `alpha`."),
-                io.Mask.Output("alpha", display_name="alpha", tooltip=ALPHA_TIP),
+                alpha_output(),
                 io.Image.Output("rgba", display_name="rgba",
                                 tooltip="4-channel IMAGE: the straight foreground and alpha; save it with Save "
                                         "Transparent PNG."),
-                io.Mask.Output("transparency_mask", display_name="transparency_mask", tooltip=TMASK_TIP),
+                transparency_mask_output(),
             ],
         )
 

@@ -123,16 +123,16 @@ def test_join_split_nodes_interoperate_with_core(export_nodes):
 
 
 def test_alpha_sockets_read_the_same_on_every_node(comfy_host):
-    """Every `alpha` / `transparency_mask` socket of the export and matting nodes is a MASK stating its one
+    """Every `alpha` / `transparency_mask` socket of the export, batch export, matting and GreenPost nodes is a MASK stating its one
     convention (nodes/_alpha_sockets.py): opacity for `alpha`, core's 1 = transparent for the other."""
     from comfy_api.latest import io
 
-    from diffumatting.nodes import _alpha_sockets, export, matting
+    from diffumatting.nodes import _alpha_sockets, batch_export, export, matting, refine
 
     tips = {"alpha": _alpha_sockets.ALPHA_TIP, "transparency_mask": _alpha_sockets.TMASK_TIP}
     assert "1 = opaque" in tips["alpha"] and "1 = transparent" in tips["transparency_mask"]
     seen = []
-    for node in (*export.NODES, *matting.NODES):
+    for node in (*export.NODES, *batch_export.NODES, *matting.NODES, *refine.NODES):
         s = node.define_schema()
         for item in [*s.inputs, *s.outputs]:
             if item.id in tips:
@@ -141,6 +141,7 @@ def test_alpha_sockets_read_the_same_on_every_node(comfy_host):
                     (s.node_id, item.id)
     inputs = {n for n, _, is_input in seen if is_input}
     outputs = {n for n, _, is_input in seen if not is_input}
-    assert inputs == {"DiffuMattingSaveRGBA", "DiffuMattingPreviewRGBA", "DiffuMattingJoinAlpha"}
-    assert outputs == {"DiffuMattingSplitAlpha", "DiffuMattingVAEDecode"}
+    assert inputs == {"DiffuMattingSaveRGBA", "DiffuMattingPreviewRGBA", "DiffuMattingJoinAlpha",
+                      "DiffuMattingSaveTransparentBatch"}
+    assert outputs == {"DiffuMattingSplitAlpha", "DiffuMattingVAEDecode", "DiffuMattingGreenPost"}
     assert len(seen) == 2 * (len(inputs) + len(outputs))
