@@ -27,6 +27,7 @@ LARGE_FIXTURES = (("text_encoders", "diffumatting_test_t5xxl_fp8.safetensors"),
                   ("diffusion_models", "diffumatting_tiny_flux.safetensors"))
 FIXTURE_NAMES = {fixture for names in PUBLIC_NAMES.values() for fixture in names.values()}
 SDXL_LORA_NAME = "diffumatting_style_sdxl.safetensors"
+FLUX_LORA_NAME = "diffumatting_style_flux.safetensors"
 TINY_SIZE, TINY_STEPS = 64, 2
 _LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
@@ -56,6 +57,7 @@ def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | Non
         names["sdxl_lora"] = SDXL_LORA_NAME
     if flux:
         _write_flux_files(Path(base) / "models")
+        names["workflow_loras"]["transparent_flux"] = FLUX_LORA_NAME
     # Keep after the SD1.5 checkpoint: the head's architecture follows that checkpoint's VAE.
     from matting_fixtures import write_tiny_head
 
@@ -67,11 +69,13 @@ def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | Non
 def _write_flux_files(models: Path) -> None:
     from support import tiny_flux
 
-    fixture = {folder: names for folder, names in PUBLIC_NAMES.items()}
-    tiny_flux.build_flux_diffusion_model(models / "diffusion_models" / fixture["diffusion_models"]["flux1-dev.safetensors"])
-    tiny_flux.build_clip_l(models / "text_encoders" / fixture["text_encoders"]["clip_l.safetensors"])
-    tiny_flux.build_t5xxl_fp8(models / "text_encoders" / fixture["text_encoders"]["t5xxl_fp16.safetensors"])
-    tiny_flux.build_flux_vae(models / "vae" / fixture["vae"]["ae.safetensors"])
+    encoders = PUBLIC_NAMES["text_encoders"]
+    tiny_flux.build_flux_diffusion_model(models / "diffusion_models" /
+                                         PUBLIC_NAMES["diffusion_models"]["flux1-dev.safetensors"])
+    tiny_flux.build_clip_l(models / "text_encoders" / encoders["clip_l.safetensors"])
+    tiny_flux.build_t5xxl_fp8(models / "text_encoders" / encoders["t5xxl_fp16.safetensors"])
+    tiny_flux.build_flux_vae(models / "vae" / PUBLIC_NAMES["vae"]["ae.safetensors"])
+    tiny_flux.write_random_flux_lora(models / "loras" / FLUX_LORA_NAME, seed=41)
 
 
 def remove_large_fixtures(base: Path) -> None:

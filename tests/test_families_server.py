@@ -73,3 +73,20 @@ def test_sdxl_workflow_with_green_kv_protection(comfy_server, server_models):
     stack["widgets_values"][-1] = "green token k/v"
     files = comfy_server.output_files(comfy_server.run_workflow(workflow, timeout=900))
     assert any(Image.open(f).mode == "RGBA" for f in files), files
+
+
+def test_flux_lora_stack_refuses_cross_attention_protection(comfy_server, server_models):
+    """Flux has no cross-attention layer (joint attention): 'all cross-attention' protection on it is an
+    error that says so, not a silent no-op; at green_protection 0 the Flux workflow with a Flux LoRA runs
+    (test_server.py)."""
+    import json
+
+    from conftest import ROOT
+    from fixtures_host import shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_flux.json").read_text()),
+                               server_models["workflow_loras"]["transparent_flux"])
+    stack = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingLoraStack")
+    stack["widgets_values"][1] = 0.5
+    with pytest.raises(WorkflowError, match=r"green_protection 0\.5 .* MODEL \(Flux\) has no cross-attention layer"):
+        comfy_server.run_workflow(workflow, timeout=900)

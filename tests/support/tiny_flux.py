@@ -109,3 +109,21 @@ def build_flux_vae(path, seed: int = 3) -> Path:
     sd = random_vae_state_dict({**SD_VAE_DDCONFIG, "z_channels": 16}, seed=seed)
     sd = {k: v.half() for k, v in sd.items() if "quant_conv" not in k}
     return save_safetensors_atomic(sd, path, {"diffumatting": "Flux-detected 16-channel test VAE, random weights"})
+
+
+def flux_kohya_name_map() -> dict[str, tuple[str, torch.Size]]:
+    """kohya module names of a Flux LoRA (sd-scripts' `lora_unet_double_blocks_0_img_attn_qkv` layout): the
+    attention and MLP linears of every double and single block."""
+    out = {}
+    for key, shape in flux_shapes().items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and len(shape) == 2 \
+                and ".norm." not in key and "_mod." not in key and ".modulation." not in key:
+            out["lora_unet_" + key[:-len(".weight")].replace(".", "_")] = ("diffusion_model." + key, shape)
+    return out
+
+
+def write_random_flux_lora(path, seed: int, **kw) -> Path:
+    from support.tiny_sd15 import random_kohya_lora
+
+    return save_safetensors_atomic(random_kohya_lora(seed, name_map=flux_kohya_name_map(), **kw), path,
+                                   {"ss_network_module": "networks.lora_flux", "diffumatting": "random Flux test LoRA"})
