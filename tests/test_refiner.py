@@ -311,7 +311,7 @@ def test_matting_decode_refinement_uses_the_default(comfy_host, monkeypatch):
         seen.append(model.config)
         return real(model, src)
 
-    monkeypatch.setattr(R, "refine_alpha", spy)
+    monkeypatch.setattr(refiner, "refine_alpha", spy)
     comp = make_composite(40, 48, 3, REALISTIC)
     fg, alpha = matting._greenpost(torch.from_numpy(comp.image)[None], None)
     assert len(seen) == (0 if DEFAULT == "off" else 1) and alpha.shape == (1, 40, 48)
