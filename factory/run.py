@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import dataset_quality as Q
+from ..models import dataset_quality
 from ..models.dataset_images import IMAGE_SUFFIXES, contact_sheet, read_image_file, read_png_float
 from ..models.asset_export import prompt_stem
 from ..models.atomic import write_bytes_atomic
@@ -37,7 +37,7 @@ class RunConfig:
     jobs: list[Job]
     servers: list[Server]
     sample: SampleOptions = field(default_factory=SampleOptions)
-    thresholds: Q.Thresholds = field(default_factory=Q.Thresholds)
+    thresholds: dataset_quality.Thresholds = field(default_factory=dataset_quality.Thresholds)
     filter: bool = True
     backgrounds: list = field(default_factory=list)   # from load_backgrounds
     models_dir: Path | None = None
@@ -169,10 +169,11 @@ class Run:
                                             self.plan.has_head, self.backgrounds)
         post_s = time.monotonic() - t0
         scores = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in sample.scores.items()}
-        reasons = Q.reject_reasons(sample.scores, self.cfg.thresholds) if self.cfg.filter else []
+        reasons = dataset_quality.reject_reasons(sample.scores, self.cfg.thresholds) if self.cfg.filter else []
         async with self.lock:  # near-duplicate check and manifest order: one sample at a time
             if self.cfg.filter:
-                twin = Q.nearest_duplicate(scores["phash"], self.hashes, self.cfg.thresholds.max_phash_distance)
+                twin = dataset_quality.nearest_duplicate(scores["phash"], self.hashes,
+                                                         self.cfg.thresholds.max_phash_distance)
                 if twin is not None:
                     reasons.append(f"near-duplicate of {twin} (perceptual hash within "
                                    f"{self.cfg.thresholds.max_phash_distance} bits)")

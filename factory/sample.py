@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..models import dataset_quality as Q
+from ..models import dataset_quality
 from ..models.alpha import alpha_bbox
 from ..models.asset_export import asset_png
 from ..models.dataset_images import composite, read_png_float
@@ -22,7 +22,7 @@ class SampleOptions:
     trimap_band: int = 8
     composites: int = 0
     composite_scale: tuple[float, float] = (0.5, 0.9)
-    key_color: tuple[float, float, float] = Q.DEFAULT_KEY
+    key_color: tuple[float, float, float] = dataset_quality.DEFAULT_KEY
     assets: bool = False          # artist mode: one trimmed RGBA PNG named after the prompt
     asset_bits: int = 8
     asset_padding: int = 8
@@ -51,7 +51,7 @@ def build_sample(job, pngs: dict[str, bytes], opts: SampleOptions, has_head: boo
     green, head_alpha = _split(pngs["green"], f"sample {job.id} green output")
     if green.shape != fg.shape:
         raise ValueError(f"sample {job.id}: green original {green.shape} and keyed image {fg.shape} differ in size")
-    scores = Q.score_sample(green, fg, alpha, head_alpha if has_head else None, opts.key_color)
+    scores = dataset_quality.score_sample(green, fg, alpha, head_alpha if has_head else None, opts.key_color)
     files: dict[str, bytes] = {}
     extra: dict = {}
     if opts.assets:
@@ -62,7 +62,7 @@ def build_sample(job, pngs: dict[str, bytes], opts: SampleOptions, has_head: boo
     else:
         files["fg.png"] = encode_png(fg, 16)
         files["alpha.png"] = encode_png(alpha, 16)
-        files["trimap.png"] = encode_png(Q.trimap(alpha, opts.trimap_band) / 255.0, 8)
+        files["trimap.png"] = encode_png(dataset_quality.trimap(alpha, opts.trimap_band) / 255.0, 8)
         files["green.png"] = encode_png(green, 8)
         if has_head:
             files["head_alpha.png"] = encode_png(head_alpha, 16)

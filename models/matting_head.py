@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .atomic import atomic_path
-from .model_files import read_self_describing
+from .model_files import config_from_json, read_self_describing
 
 KIND = "matting_head"
 FORMAT_VERSION = 1
@@ -92,18 +92,7 @@ class HeadConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "HeadConfig":
-        try:
-            data = json.loads(text)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"matting head config is not valid JSON ({e}): {str(text)[:200]!r}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"matting head config must be a JSON object, got {type(data).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"matting head config has unknown fields {unknown}; it was written by a newer "
-                             f"version of the pack: update comfyui-diffumatting")
-        return cls(**data)
+        return config_from_json(cls, text, "matting head")
 
     @classmethod
     def for_decoder(cls, ch: int = 128, ch_mult=(1, 2, 4, 4), num_res_blocks: int = 2, coarse_levels: int = 1,

@@ -4,9 +4,13 @@ Weights load from .safetensors only: pickle formats can run code when they are l
 A name is relative to its model folder; absolute paths, drive letters, `..` parts and NUL bytes are
 refused before any file system call, so a name from a workflow never reaches outside the folder.
 Plain Python (no torch, no ComfyUI); nodes/_files.py adds ComfyUI's folder lookup.
+Self-describing weights files keep their architecture in the safetensors metadata: `read_self_describing`
+checks the kind and format version, `config_from_json` rebuilds the architecture's config dataclass.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -107,3 +111,28 @@ def read_self_describing(path, *, kind: str, format_version: int, what: str, wro
         raise ValueError(f"{path.name} has {what} format version {version}; this pack reads up to "
                          f"{format_version}: update comfyui-diffumatting")
     return header, dict(meta), version
+
+
+def config_from_json(config_class, text, what: str):
+    """An instance of the dataclass `config_class` from `text`, the JSON object a weights file keeps in its
+    metadata (e.g. `config`). JSON lists become tuples (configs are frozen dataclasses; JSON has no tuples).
+    Text that is not a JSON object, fields the class does not have (a newer pack wrote the file) and missing
+    fields are a ValueError naming `what` ("matting head"); the class's own checks raise theirs.
+    """
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} config is not valid JSON ({e}): {str(text)[:200]!r}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} config must be a JSON object, got {type(data).__name__}: {str(text)[:200]!r}")
+    fields = {f.name: f for f in dataclasses.fields(config_class) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{what} config has unknown fields {unknown}; it was written by a newer version of the "
+                         f"pack: update comfyui-diffumatting")
+    missing = sorted(name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{what} config lacks the fields {missing}; the file is damaged or was not written by "
+                         f"this pack")
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -95,13 +95,13 @@ def head_memory(shape, config: HeadConfig, scale: int, dtype_size: int) -> float
 
 def vae_with_alpha(vae, loaded: LoadedHead):
     """A shallow copy of `vae` for one decode with the head: one more output channel, head memory counted."""
-    import comfy.model_management as mm
+    from comfy import model_management
 
     view = copy.copy(vae)
     base_estimate, scale = vae.memory_used_decode, upscale(vae)
     view.output_channels = vae.output_channels + 1
-    view.memory_used_decode = lambda shape, dtype: (base_estimate(shape, dtype)
-                                                    + head_memory(shape, loaded.config, scale, mm.dtype_size(dtype)))
+    view.memory_used_decode = lambda shape, dtype: (
+        base_estimate(shape, dtype) + head_memory(shape, loaded.config, scale, model_management.dtype_size(dtype)))
     if not core_tiles_all_channels(vae):
         view.decode_tiled_ = lambda samples, **kw: tiled_decode_all_channels(view, samples, **kw)
     return view
@@ -147,10 +147,10 @@ def core_tile_args(vae, tile_size: int, overlap: int) -> dict:
 
 
 def _on_call(tiling: Tiling, full_hw: tuple[int, int]):
-    import comfy.model_management as mm
+    from comfy import model_management
 
     def check(features: torch.Tensor) -> None:
-        mm.throw_exception_if_processing_interrupted()
+        model_management.throw_exception_if_processing_interrupted()
         if tiling is Tiling.NEVER and tuple(features.shape[-2:]) != full_hw:
             raise WholeDecodeOutOfMemory(
                 f"the whole {full_hw[0]}x{full_hw[1]} latent did not fit in memory and tiling is 'never'; set "

@@ -64,6 +64,17 @@ def split_cross_attention(lora: dict) -> tuple[dict, dict]:
     return cross, rest
 
 
+def require_cross_attention(model, green_protection: float) -> None:
+    """'all cross-attention' protection scales attn2 deltas: refuse a model that has no attn2 layer (Flux's
+    text and image tokens share joint attention), where it would silently do nothing."""
+    unet = model.get_model_object("diffusion_model")
+    if not any(name.rsplit(".", 1)[-1] == CROSS_ATTENTION_MARK for name, _ in unet.named_modules()):
+        raise ValueError(f"green_protection {green_protection} scales the LoRAs' cross-attention (attn2) deltas, "
+                         f"and this MODEL ({type(unet).__name__}) has no cross-attention layer: its text and image "
+                         "tokens share joint attention (Flux), so nothing would be protected. Set green_protection "
+                         "to 0 (or turn off the rows' protect switch) for this model")
+
+
 def normalise_stack(stack) -> list[tuple[str, float, float]]:
     if stack is None:
         return []
@@ -137,11 +148,15 @@ def apply_stack(model, clip, stack, model_only: bool = False, green_protection: 
     if not 0.0 <= float(green_protection) <= 1.0:
         raise ValueError(f"green_protection {green_protection} must be in 0..1")
     green_kv = {}
+    entries = normalise_stack(stack)
+    if mode is ProtectionMode.CROSS_ATTENTION and float(green_protection) > 0 and model is not None \
+            and any(ms != 0 and i not in unprotected for i, (_, ms, _) in enumerate(entries)):
+        require_cross_attention(model, float(green_protection))
     clip_in = clip
     earlier = _green_kv.green_clip_of(clip) if clip is not None and not model_only else None
     green_clip, amount = _start_green_clip(clip, earlier, mode, float(green_protection), model_only)
     clip_protected = False
-    for i, (name, ms, cs) in enumerate(normalise_stack(stack)):
+    for i, (name, ms, cs) in enumerate(entries):
         if ms == 0 and (cs == 0 or model_only or clip is None):
             continue
         lora = load_lora_file(name)
@@ -232,7 +247,7 @@ class LoraStack(io.ComfyNode):
                 io.Float.Input("green_protection", default=0.0, min=0.0, max=1.0, step=0.05,
                                tooltip="0 = apply LoRAs as core does. Up to 1 = scale their cross-attention "
                                        "deltas down, where the green backing is decided, keeping the rest "
-                                       "of the style."),
+                                       "of the style (SD1.x/SDXL: Flux has no cross-attention layer, keep 0)."),
                 *_row_inputs(),
                 io.Combo.Input("protection_mode", options=enum_options(ProtectionMode),
                                default=ProtectionMode.CROSS_ATTENTION.value,

@@ -69,14 +69,15 @@ def detect_family(path: Path) -> tuple[str, str]:
 def family_of_shapes(sd: dict, name: str) -> tuple[str, str]:
     """detect_family on a state dict whose values have `.shape` (what ComfyUI's detection reads)."""
     import comfy.model_detection
-    import comfy.supported_models as sm
+    from comfy import supported_models
 
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     if not any(k.startswith(prefix) for k in sd):
         prefix = ""  # a bare diffusion model (Flux's UNETLoader files)
     config = comfy.model_detection.model_config_from_unet(sd, prefix)
     detected = type(config).__name__ if config is not None else "unknown"
-    for family, classes in (("sd15", (sm.SD15,)), ("sdxl", (sm.SDXL,)), ("flux", (sm.Flux,))):
+    for family, classes in (("sd15", (supported_models.SD15,)), ("sdxl", (supported_models.SDXL,)),
+                            ("flux", (supported_models.Flux,))):
         if isinstance(config, classes):
             return family, detected
     raise WorkflowError(f"{name} is detected as {detected}; `make demo` has workflows for SD1.x, SDXL and Flux "

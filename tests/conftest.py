@@ -98,7 +98,8 @@ def tiny_sd15_path(comfy_host, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server_models(server_base, tiny_sd15_path) -> dict:
     """Files placed in the server's model folders before it starts (extended by later issues)."""
-    from fixtures_host import populate_server_models
+    from fixtures_host import populate_server_models, remove_large_fixtures
 
-    return populate_server_models(server_base, sd15_built=tiny_sd15_path)
+    yield populate_server_models(server_base, sd15_built=tiny_sd15_path)
+    remove_large_fixtures(server_base)  # after the servers using them have stopped
 

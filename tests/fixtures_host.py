@@ -17,16 +17,25 @@ PUBLIC_NAMES = {
                     "sd_xl_base_1.0.safetensors": "diffumatting_tiny_sdxl.safetensors"},
     "diffumatting": {"diffumatting_unet_sd15.safetensors": "diffumatting_tiny_unet.safetensors",
                      "diffumatting_head_sd15.safetensors": "diffumatting_tiny_head.safetensors"},
+    "diffusion_models": {"flux1-dev.safetensors": "diffumatting_tiny_flux.safetensors"},
+    "text_encoders": {"clip_l.safetensors": "diffumatting_test_clip_l.safetensors",
+                      "t5xxl_fp16.safetensors": "diffumatting_test_t5xxl_fp8.safetensors"},
+    "vae": {"ae.safetensors": "diffumatting_test_flux_vae.safetensors"},
 }
+# Fixtures too large to keep in pytest's retained temporary folders (the T5-XXL one is 4.8 GB).
+LARGE_FIXTURES = (("text_encoders", "diffumatting_test_t5xxl_fp8.safetensors"),
+                  ("diffusion_models", "diffumatting_tiny_flux.safetensors"))
 FIXTURE_NAMES = {fixture for names in PUBLIC_NAMES.values() for fixture in names.values()}
 SDXL_LORA_NAME = "diffumatting_style_sdxl.safetensors"
+FLUX_LORA_NAME = "diffumatting_style_flux.safetensors"
 TINY_SIZE, TINY_STEPS = 64, 2
 _LATENT_NODES = ("EmptyLatentImage", "EmptySD3LatentImage")
 
 
-def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | None = None) -> dict:
-    """Write the test inputs and models into `base` (the SDXL fixture, 2 GB, only with `sdxl`; the tiny SD1.5
-    checkpoint linked from `sd15_built` when given, see write_generation_models); returns their names."""
+def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | None = None, flux: bool = True) -> dict:
+    """Write the test inputs and models into `base` (the SDXL fixture, 2 GB, only with `sdxl`; Flux's four
+    files, 6.3 GB, only with `flux`: remove_large_fixtures deletes them; the tiny SD1.5 checkpoint linked from
+    `sd15_built` when given, see write_generation_models); returns their names."""
     from support.samples import write_green_sample
 
     names = {}
@@ -46,12 +55,37 @@ def populate_server_models(base: Path, sdxl: bool = True, sd15_built: Path | Non
                                    ["sd_xl_base_1.0.safetensors"])
         write_random_sdxl_lora(Path(base) / "models" / "loras" / SDXL_LORA_NAME, seed=31)
         names["sdxl_lora"] = SDXL_LORA_NAME
+    if flux:
+        _write_flux_files(Path(base) / "models")
+        names["workflow_loras"]["transparent_flux"] = FLUX_LORA_NAME
     # Keep after the SD1.5 checkpoint: the head's architecture follows that checkpoint's VAE.
     from matting_fixtures import write_tiny_head
 
     names["matting_head"] = write_tiny_head(base)
     link_public_names(base)
     return names
+
+
+def _write_flux_files(models: Path) -> None:
+    from support import tiny_flux
+
+    encoders = PUBLIC_NAMES["text_encoders"]
+    tiny_flux.build_flux_diffusion_model(models / "diffusion_models" /
+                                         PUBLIC_NAMES["diffusion_models"]["flux1-dev.safetensors"])
+    tiny_flux.build_clip_l(models / "text_encoders" / encoders["clip_l.safetensors"])
+    tiny_flux.build_t5xxl_fp8(models / "text_encoders" / encoders["t5xxl_fp16.safetensors"])
+    tiny_flux.build_flux_vae(models / "vae" / PUBLIC_NAMES["vae"]["ae.safetensors"])
+    tiny_flux.write_random_flux_lora(models / "loras" / FLUX_LORA_NAME, seed=41)
+
+
+def remove_large_fixtures(base: Path) -> None:
+    """Delete the large fixtures (and their public-name links) once the session's server has stopped."""
+    for folder, fixture in LARGE_FIXTURES:
+        target = Path(base) / "models" / folder / fixture
+        for public, name in PUBLIC_NAMES[folder].items():
+            if name == fixture:
+                target.with_name(public).unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
 
 
 def link_public_names(base: Path) -> None:
@@ -64,12 +98,6 @@ def link_public_names(base: Path) -> None:
             link = target.with_name(public)
             if not link.exists():
                 os.symlink(target.name, link)
-
-
-# Workflows whose model files have no tiny fixture here (ComfyUI fixes Flux's T5-XXL text encoder at 4.7
-# billion parameters, which this CPU test machine cannot build or run): they must fail with an error naming
-# the missing file, in the server and in the page.
-NO_FIXTURE = {"transparent_flux": "flux1-dev.safetensors"}
 
 
 def shrink_for_tiny(workflow: dict, lora: str | None = None) -> dict:

@@ -162,7 +162,7 @@ def fit_green_attention(model, clip, vae, steps: int = 60, lr: float = 3e-3, siz
     cross-attention query/key weights only, on keyed images (FIT_PLACEMENTS, GREEN_PROMPTS), noised at
     t in 200..700. Changes `model`'s weights in place (call before any LoRA or sampling); returns the
     losses (first, last)."""
-    from diffumatting.models import losses as L
+    from diffumatting.models.losses import green_attention_loss
     from diffumatting.training.attention import GreenAttentionCapture, cross_attention_blocks, green_indicator
 
     unet = model.model.diffusion_model
@@ -192,7 +192,7 @@ def fit_green_attention(model, clip, vae, steps: int = 60, lr: float = 3e-3, siz
             x_t = ab.sqrt() * x0[pick] + (1 - ab).sqrt() * noise
             cap.set_tokens(ind)
             unet(x_t, t.float(), context=context, transformer_options=cap.transformer_options())
-            loss = L.green_attention_loss(cap.maps(), alpha[pick])
+            loss = green_attention_loss(cap.maps(), alpha[pick])
             cap.set_tokens(None)
             opt.zero_grad()
             loss.backward()

@@ -311,16 +311,16 @@ def test_head_claiming_huge_widths_is_refused_without_allocating(tmp_path):
 def test_head_with_in_bound_config_but_wrong_tensors_is_refused_before_building(tmp_path, monkeypatch):
     import json
 
-    from diffumatting.models import matting_head as mh
+    from diffumatting.models import matting_head
 
     devices = []
-    init = mh.MattingHead.reset_parameters
-    monkeypatch.setattr(mh.MattingHead, "reset_parameters",
+    init = matting_head.MattingHead.reset_parameters
+    monkeypatch.setattr(matting_head.MattingHead, "reset_parameters",
                         lambda self, seed=None: devices.append(self.fine.weight.device.type) or init(self, seed))
     config = {"fine_channels": 2048, "hidden": 512}
     path = _head_file(tmp_path / "h.safetensors", json.dumps(config), {"fine.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="do not match its architecture config"):
-        mh.load_head(path)
+        matting_head.load_head(path)
     assert devices and set(devices) == {"meta"}, f"the head was allocated ({devices}) before its tensors were checked"
 
 

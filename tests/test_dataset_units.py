@@ -12,7 +12,7 @@ from diffumatting.factory.jobs import JobError, load_prompts, make_jobs, sample_
 from diffumatting.factory.output import OutputError, OutputFolder
 from diffumatting.factory.sample import SampleOptions, build_sample
 from diffumatting.models.atomic import temp_name
-from diffumatting.models import dataset_quality as Q
+from diffumatting.models import dataset_quality
 from diffumatting.models.dataset_images import composite, contact_sheet, read_png_float
 from diffumatting.models.png import encode_png
 
@@ -27,14 +27,14 @@ def disc(h=64, w=64, cy=32, cx=32, r=14, soft=3.0):
 
 def test_trimap_holds_only_three_values_and_band_grows():
     a = disc()
-    t2, t6 = Q.trimap(a, 2), Q.trimap(a, 6)
+    t2, t6 = dataset_quality.trimap(a, 2), dataset_quality.trimap(a, 6)
     assert set(np.unique(t2)) <= {0, 128, 255} and set(np.unique(t6)) == {0, 128, 255}
     assert (t6 == 128).sum() > (t2 == 128).sum()
     assert t2[32, 32] == 255 and t2[0, 0] == 0
     hard = (disc(soft=0.01) > 0.5).astype(np.float32)  # a hard edge still gets an unknown band
-    assert (Q.trimap(hard, 1) == 128).sum() > 0
+    assert (dataset_quality.trimap(hard, 1) == 128).sum() > 0
     with pytest.raises(ValueError, match="band"):
-        Q.trimap(a, -1)
+        dataset_quality.trimap(a, -1)
 
 
 def test_16bit_png_round_trips_exactly():
@@ -47,25 +47,26 @@ def test_16bit_png_round_trips_exactly():
 
 
 def test_scores_measure_what_they_name():
-    key = np.array(Q.DEFAULT_KEY, np.float32)
+    key = np.array(dataset_quality.DEFAULT_KEY, np.float32)
     a = disc()
     rgb = np.where(a[..., None] > 0.5, np.float32([0.8, 0.2, 0.2]), key).astype(np.float32)
-    s = Q.score_sample(rgb, rgb, a)
+    s = dataset_quality.score_sample(rgb, rgb, a)
     assert s["objects"] == 1 and s["border_touch"] == 0.0 and s["green_object"] == 0.0
     assert s["backing_residual"] < 1e-5 and 0.1 < s["coverage"] < 0.3
-    assert Q.reject_reasons(s, Q.Thresholds()) == []
+    assert dataset_quality.reject_reasons(s, dataset_quality.Thresholds()) == []
     two = np.maximum(disc(cx=12, r=8), disc(cx=50, r=8))
-    assert Q.object_count(two) == 2
+    assert dataset_quality.object_count(two) == 2
     edge = disc(cx=2)
-    assert Q.border_touch(edge) > 0.05
-    assert Q.green_object(np.broadcast_to(key, rgb.shape), a) == 1.0
+    assert dataset_quality.border_touch(edge) > 0.05
+    assert dataset_quality.green_object(np.broadcast_to(key, rgb.shape), a) == 1.0
     noisy = rgb + np.float32(0.5) * (a[..., None] < 0.02)
-    assert Q.backing_residual(noisy, a) > 0.5
-    reasons = Q.reject_reasons(Q.score_sample(rgb, rgb, np.zeros_like(a)), Q.Thresholds())
+    assert dataset_quality.backing_residual(noisy, a) > 0.5
+    reasons = dataset_quality.reject_reasons(dataset_quality.score_sample(rgb, rgb, np.zeros_like(a)),
+                                             dataset_quality.Thresholds())
     assert any("empty or tiny" in r for r in reasons)
-    mad, iou = Q.head_agreement(a, a)
+    mad, iou = dataset_quality.head_agreement(a, a)
     assert mad == 0.0 and iou == 1.0
-    assert Q.head_agreement(np.zeros_like(a), a)[1] == 0.0
+    assert dataset_quality.head_agreement(np.zeros_like(a), a)[1] == 0.0
 
 
 def test_perceptual_hash_finds_near_duplicates_only():
@@ -73,19 +74,20 @@ def test_perceptual_hash_finds_near_duplicates_only():
     a = disc(r=20)
     fg = np.clip(rng.random((64, 64, 3)).astype(np.float32), 0, 1)
     fg = cv2.GaussianBlur(fg, (0, 0), 4)
-    h1 = Q.perceptual_hash(fg, a)
-    h2 = Q.perceptual_hash(np.clip(fg + 0.01 * rng.standard_normal(fg.shape).astype(np.float32), 0, 1), a)
-    other = Q.perceptual_hash(fg, disc(cy=20, cx=44, r=10))
-    assert Q.hamming(h1, h2) <= 4 < Q.hamming(h1, other)
-    assert Q.nearest_duplicate(f"{h2:016x}", {"x": h1}, 4) == "x"
-    assert Q.nearest_duplicate(f"{other:016x}", {"x": h1}, 4) is None
+    h1 = dataset_quality.perceptual_hash(fg, a)
+    noisy = np.clip(fg + 0.01 * rng.standard_normal(fg.shape).astype(np.float32), 0, 1)
+    h2 = dataset_quality.perceptual_hash(noisy, a)
+    other = dataset_quality.perceptual_hash(fg, disc(cy=20, cx=44, r=10))
+    assert dataset_quality.hamming(h1, h2) <= 4 < dataset_quality.hamming(h1, other)
+    assert dataset_quality.nearest_duplicate(f"{h2:016x}", {"x": h1}, 4) == "x"
+    assert dataset_quality.nearest_duplicate(f"{other:016x}", {"x": h1}, 4) is None
 
 
 def _key_pngs(fg_value=0.8, alpha=None):
     a = disc() if alpha is None else alpha
     fg = np.full((*a.shape, 3), fg_value, np.float32)
     key = encode_png(np.concatenate([fg, a[..., None]], -1), 16)
-    green = np.where(a[..., None] > 0.5, fg, np.float32(Q.DEFAULT_KEY))
+    green = np.where(a[..., None] > 0.5, fg, np.float32(dataset_quality.DEFAULT_KEY))
     return {"key": key, "green": encode_png(np.concatenate([green, np.ones_like(a)[..., None]], -1), 16)}
 
 

@@ -46,10 +46,10 @@ def test_save_trim_and_matte(export_nodes):
 
 def test_save_failure_leaves_no_half_written_batch(export_nodes, monkeypatch):
     nodes, out = export_nodes
-    import diffumatting.nodes.export as mod
+    import diffumatting.nodes.export as export_module
 
     calls = {"n": 0}
-    real = mod.encode_png
+    real = export_module.encode_png
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -57,7 +57,7 @@ def test_save_failure_leaves_no_half_written_batch(export_nodes, monkeypatch):
             raise RuntimeError("disk full")
         return real(*a, **k)
 
-    monkeypatch.setattr(mod, "encode_png", flaky)
+    monkeypatch.setattr(export_module, "encode_png", flaky)
     with pytest.raises(RuntimeError, match="disk full"):
         nodes.SaveRGBA.execute(torch.rand(3, 4, 4, 4), filename_prefix="partial")
     assert list(out.iterdir()) == []

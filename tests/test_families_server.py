@@ -40,26 +40,16 @@ def test_demo_picks_the_workflow_by_detected_family(comfy_server):
     """`make demo MODEL=...`: ComfyUI's detection on the file's shapes picks the family's workflow."""
     import sys
 
-    import torch
-
     from conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy.ops
     import demo
-    from comfy.ldm.flux.model import Flux
 
     ckpts = comfy_server.base / "models" / "checkpoints"
     assert demo.detect_family(ckpts / "v1-5-pruned-emaonly.safetensors") == ("sd15", "SD15")
     assert demo.detect_family(ckpts / SDXL) == ("sdxl", "SDXL")
-    # Flux.1 [dev]'s layout (one double and one single block), built by core's own class without weights.
-    with torch.device("meta"):
-        flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1,
-                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
-                    device="meta", operations=comfy.ops.disable_weight_init)
-    shapes = {k: demo._Shape(v.shape) for k, v in flux.state_dict().items()}
-    assert demo.family_of_shapes(shapes, "flux1-dev.safetensors") == ("flux", "Flux")
+    flux = comfy_server.base / "models" / "diffusion_models" / "flux1-dev.safetensors"
+    assert demo.detect_family(flux) == ("flux", "Flux")
     with pytest.raises(WorkflowError, match="detected as unknown"):
         demo.detect_family(comfy_server.base / "models" / "diffumatting" / "diffumatting_head_sd15.safetensors")
     assert {w for w, _, _ in demo.FAMILY_WORKFLOWS.values()} <= {p.name for p in (ROOT / "workflows").iterdir()}
@@ -83,3 +73,20 @@ def test_sdxl_workflow_with_green_kv_protection(comfy_server, server_models):
     stack["widgets_values"][-1] = "green token k/v"
     files = comfy_server.output_files(comfy_server.run_workflow(workflow, timeout=900))
     assert any(Image.open(f).mode == "RGBA" for f in files), files
+
+
+def test_flux_lora_stack_refuses_cross_attention_protection(comfy_server, server_models):
+    """Flux has no cross-attention layer (joint attention): 'all cross-attention' protection on it is an
+    error that says so, not a silent no-op; at green_protection 0 the Flux workflow with a Flux LoRA runs
+    (test_server.py)."""
+    import json
+
+    from conftest import ROOT
+    from fixtures_host import shrink_for_tiny
+
+    workflow = shrink_for_tiny(json.loads((ROOT / "workflows" / "transparent_flux.json").read_text()),
+                               server_models["workflow_loras"]["transparent_flux"])
+    stack = next(n for n in workflow["nodes"] if n["type"] == "DiffuMattingLoraStack")
+    stack["widgets_values"][1] = 0.5
+    with pytest.raises(WorkflowError, match=r"green_protection 0\.5 .* MODEL \(Flux\) has no cross-attention layer"):
+        comfy_server.run_workflow(workflow, timeout=900)

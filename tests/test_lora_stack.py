@@ -170,11 +170,11 @@ def test_green_protection_keeps_backing_closer_to_key(tiny, lora_folder):
     """Measured on the tiny model with the green canvas on: the background's distance to the key colour
     latent, averaged over seeds and both LoRAs, is smaller with protection than without."""
     from green_measure import background_distance, sample_latent
-    from diffumatting.nodes import generate as G
+    from diffumatting.nodes import generate
 
     model, clip, vae = tiny["model"], tiny["clip"], tiny["vae"]
-    canvas = G.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION, "fixed ellipse")
-    key = G.key_colour_latent(vae, model, (0.0, 0xb1 / 255, 0x40 / 255))
+    canvas = generate.green_canvas_model(model, vae, "#00b140", 0.8, 0.35, G_REGION, "fixed ellipse")
+    key = generate.key_colour_latent(vae, model, (0.0, 0xb1 / 255, 0x40 / 255))
     dist = {0.0: [], 1.0: []}
     for seed in range(3):
         for name in LORAS:

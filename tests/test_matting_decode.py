@@ -107,20 +107,20 @@ def test_decode_one_pass_colour_is_core_and_alpha_is_the_head(matting, vae, head
 
 def test_core_sizes_memory_with_the_head(vae_decode, vae, head, monkeypatch):
     """Core's own decode loads the model with its estimate plus the head's memory (head_memory)."""
-    import comfy.model_management as mm
+    from comfy import model_management
 
     seen = []
-    real = mm.load_models_gpu
+    real = model_management.load_models_gpu
 
     def spy(models, memory_required=0, **kw):
         seen.append(memory_required)
         return real(models, memory_required=memory_required, **kw)
 
-    monkeypatch.setattr(mm, "load_models_gpu", spy)
+    monkeypatch.setattr(model_management, "load_models_gpu", spy)
     latent = _smooth_latent(2, 6, 10)
     vae_decode.decode(vae, latent, head)
     core = vae.memory_used_decode(latent.shape, vae.vae_dtype)
-    extra = vae_decode.head_memory(latent.shape, head.config, 8, mm.dtype_size(vae.vae_dtype))
+    extra = vae_decode.head_memory(latent.shape, head.config, 8, model_management.dtype_size(vae.vae_dtype))
     assert extra > 0 and seen == [pytest.approx(core + extra)]
 
 
@@ -191,7 +191,7 @@ def test_tiled_is_core_tiled_decode_with_alpha(vae_decode, vae, head):
 
 
 def test_progress_and_interruption(vae_decode, vae, head, comfy_host):
-    import comfy.model_management as mm
+    from comfy import model_management
     import comfy.utils
 
     latent = _smooth_latent(1, 8, 12)
@@ -210,12 +210,12 @@ def test_progress_and_interruption(vae_decode, vae, head, comfy_host):
     with torch.no_grad():
         core = progress(lambda: vae.decode_tiled(latent, **args))
     assert ours == core and ours[-1][0] == ours[-1][1] > 1, "core's own progress, step by step"
-    mm.interrupt_current_processing(True)
+    model_management.interrupt_current_processing(True)
     try:
-        with pytest.raises(mm.InterruptProcessingException):
+        with pytest.raises(model_management.InterruptProcessingException):
             vae_decode.decode(vae, latent, head, vae_decode.Tiling.ALWAYS, tile_size=64, overlap=8)
     finally:
-        mm.interrupt_current_processing(False)
+        model_management.interrupt_current_processing(False)
     assert _no_hooks_left(vae)
 
 

@@ -47,6 +47,31 @@ def test_config_json_round_trip_and_validation():
         HeadConfig(hidden=0)
     with pytest.raises(ValueError, match="not valid JSON"):
         HeadConfig.from_json("{oops")
+    with pytest.raises(ValueError, match="matting head config must be a JSON object, got list"):
+        HeadConfig.from_json("[1]")
+    with pytest.raises(ValueError, match="hidden must be a positive integer"):  # the class's own check
+        HeadConfig.from_json(json.dumps({"hidden": -3}))
+    assert HeadConfig.from_json('{"hidden": 8}') == HeadConfig(hidden=8)  # absent fields: the defaults
+
+
+def test_config_from_json_tuples_and_required_fields():
+    """The shared helper (models/model_files.py): JSON lists become tuples; a field without a default that the
+    text lacks is named (not a TypeError from the constructor)."""
+    from dataclasses import dataclass
+
+    from diffumatting.models.model_files import config_from_json
+
+    @dataclass(frozen=True)
+    class Cfg:
+        width: int
+        sizes: tuple = (1, 2)
+
+    cfg = config_from_json(Cfg, '{"width": 3, "sizes": [4, 5]}', "test")
+    assert cfg == Cfg(3, (4, 5)) and isinstance(cfg.sizes, tuple)
+    with pytest.raises(ValueError, match=r"test config lacks the fields \['width'\]"):
+        config_from_json(Cfg, '{"sizes": []}', "test")
+    with pytest.raises(ValueError, match=r"test config has unknown fields \['depth'\]"):
+        config_from_json(Cfg, '{"width": 1, "depth": 2}', "test")
 
 
 def test_head_shapes_range_and_dtypes():

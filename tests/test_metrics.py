@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from support import metrics as M
+from support import metrics
 
 ndimage = pytest.importorskip("scipy.ndimage")
 
@@ -16,15 +16,15 @@ ndimage = pytest.importorskip("scipy.ndimage")
 def test_sad_and_mse_known_values():
     gt = np.zeros((10, 10))
     pred = np.ones((10, 10))
-    assert M.sad(pred, gt) == pytest.approx(0.1)
+    assert metrics.sad(pred, gt) == pytest.approx(0.1)
     region = np.zeros((10, 10), bool)
     region[:2] = True
-    assert M.sad(pred, gt, region) == pytest.approx(0.02)
+    assert metrics.sad(pred, gt, region) == pytest.approx(0.02)
     pred2 = np.zeros((10, 10))
     pred2[0, :4] = 0.5
-    assert M.mse(pred2, gt) == pytest.approx(4 * 0.25 / 100)
-    assert M.mse(pred2, gt, region) == pytest.approx(4 * 0.25 / 20)
-    assert M.mse(pred2, gt, np.zeros((10, 10), bool)) == 0.0
+    assert metrics.mse(pred2, gt) == pytest.approx(4 * 0.25 / 100)
+    assert metrics.mse(pred2, gt, region) == pytest.approx(4 * 0.25 / 20)
+    assert metrics.mse(pred2, gt, np.zeros((10, 10), bool)) == 0.0
 
 
 def _reference_gradient(a: np.ndarray, sigma: float = 1.4) -> np.ndarray:
@@ -52,10 +52,10 @@ def test_gradient_error_matches_reference():
     pred = np.clip(gt + rng.normal(0, 0.1, gt.shape), 0, 1)
     ref = ((_reference_gradient(pred) - _reference_gradient(gt)) ** 2).sum() / 1000
     assert ref > 1e-4
-    assert M.gradient_error(pred, gt) == pytest.approx(ref, rel=1e-9)
+    assert metrics.gradient_error(pred, gt) == pytest.approx(ref, rel=1e-9)
     region = gt > 0.5
     ref_r = ((_reference_gradient(pred) - _reference_gradient(gt)) ** 2)[region].sum() / 1000
-    assert M.gradient_error(pred, gt, region) == pytest.approx(ref_r, rel=1e-9)
+    assert metrics.gradient_error(pred, gt, region) == pytest.approx(ref_r, rel=1e-9)
 
 
 def test_gradient_of_a_ramp_is_its_slope_times_the_kernel_moment():
@@ -68,7 +68,7 @@ def test_gradient_of_a_ramp_is_its_slope_times_the_kernel_moment():
     dg = -u * g
     moment = abs((u * dg).sum() * g.sum()) / math.sqrt((g ** 2).sum() * (dg ** 2).sum())
     ramp = np.tile(np.arange(40, dtype=np.float64) * s, (40, 1))
-    mag = M.gradient_magnitude(ramp)
+    mag = metrics.gradient_magnitude(ramp)
     assert np.allclose(mag[10:30, 10:30], s * moment, rtol=1e-9)
 
 
@@ -96,20 +96,20 @@ def _reference_connectivity(pred, gt, step=0.1, theta=0.15):
 def test_connectivity_hand_computed():
     gt = np.zeros((10, 10))
     gt[2:7, 2:7] = 1
-    assert M.connectivity_error(gt, gt) == 0.0
+    assert metrics.connectivity_error(gt, gt) == 0.0
     pred = gt.copy()
     pred[8:10, 8:10] = 1  # 4 pixels disconnected from the object: level 0, phi 0 vs gt's 1
-    assert M.connectivity_error(pred, gt) == pytest.approx(4 / 1000)
+    assert metrics.connectivity_error(pred, gt) == pytest.approx(4 / 1000)
     # a pixel inside the object dropping to 0.55 leaves omega at 0.6: level 0.5, its d = 0.05 < theta
     # (phi 1) while gt's d = 0.5 (phi 0.5): error 0.5
     pred2 = gt.copy()
     pred2[4, 4] = 0.55
-    assert M.connectivity_error(pred2, gt) == pytest.approx(0.5 / 1000)
+    assert metrics.connectivity_error(pred2, gt) == pytest.approx(0.5 / 1000)
     # a faint disconnected blob below theta adds nothing
     pred3 = gt.copy()
     pred3[8:10, 8:10] = 0.1
-    assert M.connectivity_error(pred3, gt) == pytest.approx(0.0)
-    assert M.connectivity_error(pred, gt, np.zeros((10, 10), bool)) == 0.0
+    assert metrics.connectivity_error(pred3, gt) == pytest.approx(0.0)
+    assert metrics.connectivity_error(pred, gt, np.zeros((10, 10), bool)) == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -119,7 +119,7 @@ def test_connectivity_matches_reference(seed):
     pred = np.clip(gt + ndimage.gaussian_filter(rng.normal(0, 0.6, gt.shape), 1.5), 0, 1)
     ref = _reference_connectivity(pred, gt)
     assert ref > 1e-3
-    assert M.connectivity_error(pred, gt) == pytest.approx(ref, rel=1e-9)
+    assert metrics.connectivity_error(pred, gt) == pytest.approx(ref, rel=1e-9)
 
 
 def test_foreground_error_weighted_by_gt_alpha():
@@ -131,10 +131,10 @@ def test_foreground_error_weighted_by_gt_alpha():
     pred[0, :2] = 0.1  # error 0.1 on the two half-transparent pixels
     pred[3, :] = 0.9   # errors where gt alpha is 0 do not count
     expect = (2 * 0.5 * 0.1) / (2 * 0.5 + 4 * 1.0)
-    assert M.foreground_error(pred, gt_fg, alpha) == pytest.approx(expect)
+    assert metrics.foreground_error(pred, gt_fg, alpha) == pytest.approx(expect)
     pred[1, 0, 0] = 0.3  # one channel of an opaque pixel: its mean over channels is 0.1
-    assert M.foreground_error(pred, gt_fg, alpha) == pytest.approx((2 * 0.5 * 0.1 + 0.1) / 5.0)
-    assert M.foreground_error(pred, gt_fg, np.zeros((4, 4))) == 0.0
+    assert metrics.foreground_error(pred, gt_fg, alpha) == pytest.approx((2 * 0.5 * 0.1 + 0.1) / 5.0)
+    assert metrics.foreground_error(pred, gt_fg, np.zeros((4, 4))) == 0.0
 
 
 def test_all_metrics_known_values():
@@ -148,7 +148,7 @@ def test_all_metrics_known_values():
     pred[7, 7] = 0.25    # one pixel outside the band wrong by 0.25
     fg_gt = np.zeros((8, 8, 3))
     fg_pred = fg_gt + 0.2
-    out = M.all_metrics(pred, gt, unknown, fg_pred, fg_gt)
+    out = metrics.all_metrics(pred, gt, unknown, fg_pred, fg_gt)
     assert out["sad"] == pytest.approx((6 * 0.5 + 0.25) / 1000)
     assert out["sad_unk"] == pytest.approx(6 * 0.5 / 1000)
     assert out["mse"] == pytest.approx(6 * 0.25 / 20)
@@ -160,8 +160,8 @@ def test_all_metrics_known_values():
 
 def test_bad_shapes():
     with pytest.raises(ValueError, match="same size"):
-        M.sad(np.zeros((3, 4)), np.zeros((4, 3)))
+        metrics.sad(np.zeros((3, 4)), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="trimap == 128"):
-        M.mse(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((2, 2), bool))
+        metrics.mse(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((2, 2), bool))
     with pytest.raises(ValueError, match="HxWxC"):
-        M.foreground_error(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4)))
+        metrics.foreground_error(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros((3, 4)))

@@ -132,13 +132,9 @@ def test_missing_model_file_names_the_file_and_its_folder(comfy_server, object_i
 def test_workflow_runs_and_writes_rgba_png(comfy_server, server_models, object_info, path):
     """Each shipped workflow as an artist runs it (public names mapped to the family's tiny fixture, a LoRA
     in the stack's first row, small size and few steps)."""
-    from fixtures_host import NO_FIXTURE, shrink_for_tiny
+    from fixtures_host import shrink_for_tiny
 
     workflow = shrink_for_tiny(json.loads(path.read_text()), server_models["workflow_loras"].get(path.stem))
-    if path.stem in NO_FIXTURE:
-        with pytest.raises(WorkflowError, match=re.escape(NO_FIXTURE[path.stem])):
-            comfy_server.post("/prompt", {"prompt": ui_to_api(workflow, object_info, missing_files_ok=True)})
-        return
     entry = comfy_server.run_workflow(workflow, timeout=600)
     files = comfy_server.output_files(entry)
     assert files, f"{path.name} wrote no file to the output folder"

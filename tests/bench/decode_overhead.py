@@ -24,6 +24,14 @@ memory. The first decode at the size is reported as well. (tracemalloc cannot se
 counts every resident page of the process. Measuring both paths in one process is not used: there the core
 decode measured 358 MiB at 256x256 after head decodes, 298 MiB in a process of its own.)
 
+Allocator (`--allocator`): by default the memory subprocesses (both paths alike; never the timing one) run
+with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536), so every tensor buffer is its
+own mapping, returned to the system when the tensor is freed: the peak RSS is then the peak of the memory
+the decode holds, the same in every process. With glibc's default (`--allocator glibc`) the threshold moves
+with the process's history (up to 32 MiB: at 256x256 many of the decoder's buffers are 4 to 32 MiB), freed
+heap memory stays resident, and the very same core decode measured 276 to 453 MiB in different fresh
+processes (26 Nov): a ratio of two such figures says which process was luckier, not which path holds more.
+
 Last line (machine-readable): `ratio_256=X cpu_ratio_256=C mem_ratio=Z`; with --full the same for 512 and
 1024 (mem_ratio: the largest over the sizes run). Targets: time ratios <= 1.10 and Z <= 1.10.
 """
@@ -147,9 +155,15 @@ def child_mem(variant: str, size: int, repeats: int, threads: int) -> list[dict]
     return [_measure_memory(runs[variant], latent) for _ in range(repeats)]
 
 
-def _spawn(args: list[str]) -> dict:
+# glibc tunable: a fixed threshold also turns off glibc's moving one (see the module doc, "Allocator").
+FIXED_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _spawn(args: list[str], malloc_env: dict | None = None) -> dict:
+    """Run this script as a child with `args`; glibc's malloc tunables are `malloc_env` only (none inherited)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | (malloc_env or {})
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -165,6 +179,11 @@ def main() -> int:
                                                        "on a loaded 2-core CPU)")
     p.add_argument("--size", type=int, help="one image size in pixels (a multiple of 8, at least 64) instead of "
                                             "the default 256 / --full")
+    p.add_argument("--allocator", choices=["fixed", "glibc"], default="fixed",
+                   help="memory subprocesses only: 'fixed' (default) runs both paths with glibc's mmap threshold "
+                        "fixed at 64 KiB, so the peak RSS is the memory the decode holds; 'glibc' keeps glibc's "
+                        "moving threshold, whose heap reuse makes the same decode differ by up to 60%% between "
+                        "processes")
     p.add_argument("--child", choices=["time", "mem"], help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=["core", "head"], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -181,10 +200,12 @@ def main() -> int:
         return 0
 
     started = time.perf_counter()
+    mem_env = FIXED_MMAP_ENV if a.allocator == "fixed" else {}
+    mem_desc = " ".join(f"{k}={v}" for k, v in mem_env.items()) or "glibc default"
     print(f"DiffuMatting VAE Decode (head, GreenPost off) vs core VAEDecode; SD1.x VAE architecture, random "
           f"weights; CPU, {a.threads} torch threads; time: median of {a.repeats}, memory: median of "
-          f"{a.mem_repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
-          flush=True)
+          f"{a.mem_repeats}, allocator {a.allocator} ({mem_desc}); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     ratios, cpu_ratios, mem_ratios = {}, {}, {}
     for size in (a.size,) if a.size else FULL_SIZES if a.full else SIZES:
         t = _spawn(["--child", "time", "--size", str(size), "--repeats", str(a.repeats), "--threads", str(a.threads)])
@@ -197,7 +218,8 @@ def main() -> int:
               f"(core {['%.2f' % x for x in t['core_cpu']]}, head {['%.2f' % x for x in t['head_cpu']]})",
               flush=True)
         mem = {v: _spawn(["--child", "mem", "--variant", v, "--size", str(size), "--mem-repeats",
-                          str(a.mem_repeats), "--threads", str(a.threads)]) for v in ("core", "head")}
+                          str(a.mem_repeats), "--threads", str(a.threads)],
+                         mem_env) for v in ("core", "head")}
         work = {v: statistics.median(m["work_kb"] for m in mem[v]) for v in mem}
         peak = {v: statistics.median(m["peak_kb"] for m in mem[v]) for v in mem}
         mem_ratios[size] = work["head"] / work["core"]

@@ -34,7 +34,7 @@ def main() -> int:
     from green_measure import background_distance, sample_latent
 
     from diffumatting.models.green_canvas import background_weight, hex_to_rgb
-    from diffumatting.nodes import generate as G
+    from diffumatting.nodes import generate
     from diffumatting.nodes.lora import LoraStack
     from support.tiny_sd15 import cached_tiny_sd15_checkpoint, write_random_lora
 
@@ -46,14 +46,14 @@ def main() -> int:
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
     load_s = time.perf_counter() - t0
     print(f"tiny checkpoint: build {build_s:.2f} s, core load {load_s:.2f} s, {path.stat().st_size / 1e6:.0f} MB")
-    key = G.key_colour_latent(vae, model, hex_to_rgb(KEY))
+    key = generate.key_colour_latent(vae, model, hex_to_rgb(KEY))
 
     print("\n== green canvas (3 euler steps, cfg 5, 64x64) vs. no canvas")
     off = [background_distance(sample_latent(model, clip, s), key, REGION) for s in SEEDS]
     bg_off, in_off = statistics.mean(d[0] for d in off), statistics.mean(d[1] for d in off)
     print(f"  off                      bg {bg_off:7.2f}  centre {in_off:7.2f}")
     for strength, end in ((0.5, 0.35), (0.8, 0.35), (1.0, 0.35), (0.8, 0.6)):
-        on_model = G.green_canvas_model(model, vae, KEY, strength, end, REGION, "fixed ellipse")
+        on_model = generate.green_canvas_model(model, vae, KEY, strength, end, REGION, "fixed ellipse")
         on = [background_distance(sample_latent(on_model, clip, s), key, REGION) for s in SEEDS]
         bg, cen = statistics.mean(d[0] for d in on), statistics.mean(d[1] for d in on)
         print(f"  strength {strength:.1f} end {end:.2f}  bg {bg:7.2f} (x{bg / bg_off:.2f})  centre {cen:7.2f} "
@@ -65,7 +65,7 @@ def main() -> int:
     for i in range(2):
         names.append(write_random_lora(loras / f"style{i}.safetensors", seed=21 + i).name)
     folder_paths.folder_names_and_paths["loras"] = ([str(loras)], {".safetensors"})
-    canvas = G.green_canvas_model(model, vae, KEY, 0.8, 0.35, REGION, "fixed ellipse")
+    canvas = generate.green_canvas_model(model, vae, KEY, 0.8, 0.35, REGION, "fixed ellipse")
     plain = {s: sample_latent(canvas, clip, s) for s in SEEDS}
     no_lora_bg = statistics.mean(background_distance(plain[s], key, REGION)[0] for s in SEEDS)
     print(f"  no LoRA                  bg {no_lora_bg:7.2f}")
