@@ -28,7 +28,7 @@ HERE = _package.ROOT
 
 DATA_SOURCES = ("synthetic", "procedural")
 CLEAN_FRACTION = 0.3  # procedural samples without camera effects (generated images are noise-free)
-FLAT_FRACTION = 0.15  # of those, shot again over one flat key colour (a generated canvas), some lightly noisy
+FLAT_FRACTION = 0.5   # of those, shot again over one flat key colour (a generated canvas), some lightly noisy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=whole("--images", 1, 100000), default=2000, help="composites in the training pool")
     p.add_argument("--val-images", type=whole("--val-images", 0, 10000), default=40,
                    help="held-out composites (other seeds) for the report")
-    p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=128, help="smallest composite side in pixels")
-    p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=512, help="largest composite side in pixels")
+    p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=256,
+                   help="smallest composite side in pixels")
+    p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=1024,
+                   help="largest composite side in pixels (photos are keyed at 800 px and more: the context "
+                        "levels must see that scale)")
     p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=600,
                    help="band pixels sampled from each composite")
     p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=15000, help="optimiser steps")
@@ -120,18 +123,20 @@ def composite(source: str, seed: int, size_min: int, size_max: int):
             return np.clip(image, 0, 1).astype(np.float32), d["alpha"]
         return d["image"], d["alpha"]  # green and blue backings: GreenPost detects either
 
-    from diffumatting.models import synthetic as S
+    from diffumatting.models import synthetic
 
     rng = np.random.default_rng([seed, 17])
     h = int(rng.integers(size_min, size_max + 1))
     w = int(rng.integers(size_min, size_max + 1))
-    real = S.Realism(falloff=float(rng.uniform(0, 0.5)), shadow=float(rng.uniform(0, 0.5)),
-                     spill=float(rng.uniform(0, 0.4)), noise=float(rng.choice([0.0, rng.uniform(0.002, 0.03)])),
-                     blur=float(rng.uniform(0, 1.0)), jpeg_quality=int(rng.choice([0, rng.integers(70, 97)])))
-    fg, alpha = S.random_object(h, w, seed, greenish=bool(rng.random() < 0.2), hair=bool(rng.random() < 0.8),
-                                translucent=bool(rng.random() < 0.5))
-    backing = S.green_backing(h, w, seed, real)
-    return S.composite(fg, alpha, backing, seed, real), alpha
+    real = synthetic.Realism(falloff=float(rng.uniform(0, 0.5)), shadow=float(rng.uniform(0, 0.5)),
+                             spill=float(rng.uniform(0, 0.4)),
+                             noise=float(rng.choice([0.0, rng.uniform(0.002, 0.03)])),
+                             blur=float(rng.uniform(0, 1.0)),
+                             jpeg_quality=int(rng.choice([0, rng.integers(70, 97)])))
+    fg, alpha = synthetic.random_object(h, w, seed, greenish=bool(rng.random() < 0.2),
+                                        hair=bool(rng.random() < 0.8), translucent=bool(rng.random() < 0.5))
+    backing = synthetic.green_backing(h, w, seed, real)
+    return synthetic.composite(fg, alpha, backing, seed, real), alpha
 
 
 def sample_pixels(image, alpha_gt, config, n: int, seed: int):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffumatting.models import refiner as R
+from diffumatting.models import refiner
 from diffumatting.models.greenpost import GreenPostOptions, RefinerChoice, greenpost
 from diffumatting.models.synthetic import REALISTIC, make_composite
 
@@ -29,35 +29,35 @@ def _script(name: str):
     return mod
 
 
-def _small(seed: int = 0) -> R.Refiner:
+def _small(seed: int = 0) -> refiner.Refiner:
     torch.manual_seed(seed)
-    return R.Refiner(R.RefinerConfig(hidden=(8,)))
+    return refiner.Refiner(refiner.RefinerConfig(hidden=(8,)))
 
 
 # --- files ------------------------------------------------------------------------------------------------
 
 def test_shipped_weights_are_small_self_describing_and_load():
-    assert R.SHIPPED.is_file(), "models/weights/greenpost_refiner.safetensors is missing: run make train-refiner"
-    assert R.SHIPPED.stat().st_size < 5 * 1024 * 1024
-    model = R.load_refiner()
+    assert refiner.SHIPPED.is_file(), "models/weights/greenpost_refiner.safetensors is missing: run make train-refiner"
+    assert refiner.SHIPPED.stat().st_size < 5 * 1024 * 1024
+    model = refiner.load_refiner()
     assert model.num_parameters() <= 1_000_000 and not model.training
     from safetensors import safe_open
 
-    with safe_open(str(R.SHIPPED), "pt") as fh:
+    with safe_open(str(refiner.SHIPPED), "pt") as fh:
         meta = fh.metadata()
-    assert meta["kind"] == R.KIND and R.RefinerConfig.from_json(meta["config"]) == model.config
+    assert meta["kind"] == refiner.KIND and refiner.RefinerConfig.from_json(meta["config"]) == model.config
     assert "project generator" in meta["trained_on"]
 
 
 def test_save_load_round_trip(tmp_path):
     model = _small(3)
-    path = R.save_refiner(tmp_path / "r.safetensors", model, {"note": "x"})
-    back = R.load_refiner(path)
-    assert back.config == model.config and R.weights_hash(back) == R.weights_hash(model)
+    path = refiner.save_refiner(tmp_path / "r.safetensors", model, {"note": "x"})
+    back = refiner.load_refiner(path)
+    assert back.config == model.config and refiner.weights_hash(back) == refiner.weights_hash(model)
     with pytest.raises(ValueError, match="reserved keys"):
-        R.save_refiner(tmp_path / "s.safetensors", model, {"kind": "other"})
+        refiner.save_refiner(tmp_path / "s.safetensors", model, {"kind": "other"})
     with pytest.raises(ValueError, match=r"saved as \.safetensors"):
-        R.save_refiner(tmp_path / "r.pt", model)
+        refiner.save_refiner(tmp_path / "r.pt", model)
 
 
 def test_loader_refuses_pickles(tmp_path):
@@ -65,14 +65,14 @@ def test_loader_refuses_pickles(tmp_path):
     pt = tmp_path / "refiner.pt"
     torch.save(model.state_dict(), pt)
     with pytest.raises(ValueError, match="pickle files .* are refused"):
-        R.load_refiner(pt)
+        refiner.load_refiner(pt)
     disguised = tmp_path / "refiner.safetensors"  # a pickle renamed
     disguised.write_bytes(pickle.dumps({"w": [1, 2, 3]}, protocol=2))
     with pytest.raises(ValueError, match="is a pickle"):
-        R.load_refiner(disguised)
+        refiner.load_refiner(disguised)
     torch.save(model.state_dict(), disguised)  # torch's zip pickle renamed
     with pytest.raises(ValueError, match="is a pickle"):
-        R.load_refiner(disguised)
+        refiner.load_refiner(disguised)
 
 
 def test_loader_refuses_unknown_formats(tmp_path):
@@ -81,67 +81,67 @@ def test_loader_refuses_unknown_formats(tmp_path):
     other = tmp_path / "vae.safetensors"
     save_file({"w": torch.zeros(2)}, str(other), metadata={"kind": "vae"})
     with pytest.raises(ValueError, match="is not a GreenPost refiner .*'vae'"):
-        R.load_refiner(other)
+        refiner.load_refiner(other)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(struct.pack("<Q", 7) + b"notjson")
     with pytest.raises(ValueError, match="not a safetensors file"):
-        R.load_refiner(junk)
+        refiner.load_refiner(junk)
     with pytest.raises(ValueError, match="does not exist"):
-        R.load_refiner(tmp_path / "missing.safetensors")
+        refiner.load_refiner(tmp_path / "missing.safetensors")
     model = _small()
     newer = tmp_path / "newer.safetensors"
-    R.save_refiner(newer, model)
+    refiner.save_refiner(newer, model)
     from safetensors.torch import load_file
 
-    meta = {"kind": R.KIND, "format_version": str(R.FORMAT_VERSION + 1), "config": model.config.to_json()}
+    meta = {"kind": refiner.KIND, "format_version": str(refiner.FORMAT_VERSION + 1), "config": model.config.to_json()}
     save_file(load_file(str(newer)), str(newer), metadata=meta)
-    with pytest.raises(ValueError, match=f"format version {R.FORMAT_VERSION + 1}; this pack reads up to "
-                                         f"{R.FORMAT_VERSION}"):
-        R.load_refiner(newer)
-    meta.update(format_version=str(R.FORMAT_VERSION - 1))  # an earlier pack's refiner read other inputs
+    with pytest.raises(ValueError, match=f"format version {refiner.FORMAT_VERSION + 1}; this pack reads up to "
+                                         f"{refiner.FORMAT_VERSION}"):
+        refiner.load_refiner(newer)
+    meta.update(format_version=str(refiner.FORMAT_VERSION - 1))  # an earlier pack's refiner read other inputs
     save_file(load_file(str(newer)), str(newer), metadata=meta)
     with pytest.raises(ValueError, match="format version 1, from an earlier version of the pack.*retrain"):
-        R.load_refiner(newer)
+        refiner.load_refiner(newer)
     meta.update(format_version="x")
     save_file(load_file(str(newer)), str(newer), metadata=meta)
     with pytest.raises(ValueError, match="format_version 'x' is not a number"):
-        R.load_refiner(newer)
-    meta.update(format_version=str(R.FORMAT_VERSION), config='{"radius": 1, "colour": 3}')
+        refiner.load_refiner(newer)
+    meta.update(format_version=str(refiner.FORMAT_VERSION), config='{"radius": 1, "colour": 3}')
     save_file(load_file(str(newer)), str(newer), metadata=meta)
     with pytest.raises(ValueError, match="unknown keys"):
-        R.load_refiner(newer)
+        refiner.load_refiner(newer)
 
 
 def test_loader_refuses_wrong_shapes_and_nan(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = _small()
-    path = R.save_refiner(tmp_path / "r.safetensors", model)
+    path = refiner.save_refiner(tmp_path / "r.safetensors", model)
     tensors = load_file(str(path))
-    meta = {"kind": R.KIND, "format_version": str(R.FORMAT_VERSION), "config": model.config.to_json()}
+    meta = {"kind": refiner.KIND, "format_version": str(refiner.FORMAT_VERSION), "config": model.config.to_json()}
     tensors["mlp.0.weight"] = torch.zeros(9, model.config.n_inputs)
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"wrong shape \['mlp.0.weight \(9, .*\) != \(8, "):
-        R.load_refiner(path)
-    tensors = load_file(str(R.save_refiner(path, model)))
+        refiner.load_refiner(path)
+    tensors = load_file(str(refiner.save_refiner(path, model)))
     del tensors["in_std"]
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=r"missing \['in_std'\]"):
-        R.load_refiner(path)
-    tensors = load_file(str(R.save_refiner(path, model)))
+        refiner.load_refiner(path)
+    tensors = load_file(str(refiner.save_refiner(path, model)))
     tensors["mlp.0.bias"][0] = float("nan")
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match="NaN or infinite"):
-        R.load_refiner(path)
+        refiner.load_refiner(path)
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="radius=9"):
-        R.RefinerConfig(radius=9)
+        refiner.RefinerConfig(radius=9)
     with pytest.raises(ValueError, match="hidden=()"):
-        R.RefinerConfig(hidden=())
+        refiner.RefinerConfig(hidden=())
     with pytest.raises(ValueError, match="unreadable"):
-        R.RefinerConfig.from_json("[1]")
+        refiner.RefinerConfig.from_json("[1]")
 
 
 # --- behaviour --------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_refiner_changes_only_the_uncertain_band():
     fg_on, a_on = greenpost(img, options=GreenPostOptions(refiner="greenpost_refiner"))
     # the band is where the classical alpha (the refiner-off output, matte levels at their defaults) is
     # strictly between 0 and 1, dilated
-    band = R.band_mask(a_off[None])[0, 0]
+    band = refiner.band_mask(a_off[None])[0, 0]
     outside = ~band
     assert bool(outside.any()) and bool(band.any())
     assert torch.equal(a_on[0][outside], a_off[0][outside])
@@ -174,41 +174,43 @@ def test_refiner_never_changes_what_the_classical_key_is_sure_of(bias):
         model.mlp[-1].bias.fill_(bias)
 
     def refine(x, kf):
-        return R.refine_fields(model, x, kf)
+        return refiner.refine_fields(model, x, kf)
     refine.halo = model.halo()
     rgb = torch.from_numpy(make_composite(96, 128, 7, REALISTIC).image)
     _, a_off = gp._key_one(rgb, None, GreenPostOptions(refiner="off"))
     _, a_on = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
-    sure = (a_off <= R.SURE) | (a_off >= 1 - R.SURE)
+    sure = (a_off <= refiner.SURE) | (a_off >= 1 - refiner.SURE)
     assert int((a_off == 0).sum()) > 1000 and int((a_off == 1).sum()) > 500 and bool((~sure).any())
     assert torch.equal(a_on[sure], a_off[sure])
     assert float((a_on[~sure] - a_off[~sure]).abs().mean()) > 0.05  # the hostile network did act on the band
 
 
 def test_refine_alpha_with_an_empty_band_is_the_identity():
-    src = R.FeatureSource(image=torch.rand(1, 3, 16, 16), backing=torch.rand(1, 3, 16, 16),
-                          prior_fg=torch.rand(1, 3, 16, 16), alpha=(torch.rand(1, 1, 16, 16) > 0.5).float(),
-                          sig1_low=torch.rand(1, 1, 4, 4), noise_std=torch.full((3,), 0.01))
-    out, band = R.refine_alpha(_small(), src)
+    src = refiner.FeatureSource(image=torch.rand(1, 3, 16, 16), backing=torch.rand(1, 3, 16, 16),
+                                prior_fg=torch.rand(1, 3, 16, 16), alpha=(torch.rand(1, 1, 16, 16) > 0.5).float(),
+                                sig1_low=torch.rand(1, 1, 4, 4), noise_std=torch.full((3,), 0.01))
+    out, band = refiner.refine_alpha(_small(), src)
     assert not bool(band.any()) and torch.equal(out, src.alpha)
 
 
 def test_features_match_a_direct_reading():
     """The gathered features are the neighbourhood values the docstring names (fine part, centre pixel)."""
     g = torch.Generator().manual_seed(0)
-    src = R.FeatureSource(image=torch.rand(1, 3, 12, 10, generator=g), backing=torch.rand(1, 3, 12, 10, generator=g),
-                          prior_fg=torch.rand(1, 3, 12, 10, generator=g),
-                          alpha=torch.rand(1, 1, 12, 10, generator=g), sig1_low=torch.rand(1, 1, 3, 3, generator=g),
-                          noise_std=torch.tensor([0.01, 0.02, 0.03]))
-    cfg = R.RefinerConfig()
+    src = refiner.FeatureSource(image=torch.rand(1, 3, 12, 10, generator=g),
+                                backing=torch.rand(1, 3, 12, 10, generator=g),
+                                prior_fg=torch.rand(1, 3, 12, 10, generator=g),
+                                alpha=torch.rand(1, 1, 12, 10, generator=g),
+                                sig1_low=torch.rand(1, 1, 3, 3, generator=g),
+                                noise_std=torch.tensor([0.01, 0.02, 0.03]))
+    cfg = refiner.RefinerConfig()
     ys, xs = torch.tensor([0, 5, 11]), torch.tensor([0, 4, 9])
-    f = R.features(src, ys, xs, cfg)
+    f = refiner.features(src, ys, xs, cfg)
     assert f.shape == (3, cfg.n_inputs)
-    c = (2 * cfg.radius + 1) ** 2 // 2 * R.FINE_CH
+    c = (2 * cfg.radius + 1) ** 2 // 2 * refiner.FINE_CH
     for n, (y, x) in enumerate(zip(ys.tolist(), xs.tolist())):
         torch.testing.assert_close(f[n, c:c + 3], src.image[0, :, y, x] - src.backing[0, :, y, x])
         torch.testing.assert_close(f[n, c + 3:c + 6], src.prior_fg[0, :, y, x] - src.backing[0, :, y, x])
-        assert float(f[n, R.alpha_column(cfg)]) == float(src.alpha[0, 0, y, x])
+        assert float(f[n, refiner.alpha_column(cfg)]) == float(src.alpha[0, 0, y, x])
     torch.testing.assert_close(f[:, -3], torch.full((3,), -2.0))
     # the corner pixel's upper-left neighbour is clamped to itself
     torch.testing.assert_close(f[0, 0:3], src.image[0, :, 0, 0] - src.backing[0, :, 0, 0])
@@ -224,7 +226,7 @@ def _train(tmp_path: Path, name: str, seed: int) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    assert report["weights_sha256"] == R.weights_hash(R.load_refiner(out))
+    assert report["weights_sha256"] == refiner.weights_hash(refiner.load_refiner(out))
     return report
 
 
@@ -303,13 +305,13 @@ def test_matting_decode_refinement_uses_the_default(comfy_host, monkeypatch):
     from diffumatting.nodes import matting
 
     seen = []
-    real = R.refine_alpha
+    real = refiner.refine_alpha
 
     def spy(model, src):
         seen.append(model.config)
         return real(model, src)
 
-    monkeypatch.setattr(R, "refine_alpha", spy)
+    monkeypatch.setattr(refiner, "refine_alpha", spy)
     comp = make_composite(40, 48, 3, REALISTIC)
     fg, alpha = matting._greenpost(torch.from_numpy(comp.image)[None], None)
     assert len(seen) == (0 if DEFAULT == "off" else 1) and alpha.shape == (1, 40, 48)
@@ -321,10 +323,10 @@ def test_refiner_in_row_bands_equals_the_whole_image(monkeypatch):
     """greenpost() keys large images in bands of rows with a halo: the refined result must not depend on it."""
     import diffumatting.models.greenpost as gp
 
-    model = R.load_refiner()
+    model = refiner.load_refiner()
 
     def refine(x, kf):
-        return R.refine_fields(model, x, kf)
+        return refiner.refine_fields(model, x, kf)
     refine.halo = model.halo()
     rgb = torch.from_numpy(make_composite(200, 96, 6, REALISTIC).image)
     fg1, a1 = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)

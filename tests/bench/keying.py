@@ -118,7 +118,7 @@ def build(size: int, limit: int | None, gens) -> dict[str, list[dict]]:
     from photo_backing import shoot
     from pymatting import estimate_foreground_ml
 
-    from diffumatting.models import synthetic as S
+    from diffumatting.models import synthetic
 
     sets = {g: [] for g in gens}
     for i, (name, photo, gt, tri) in enumerate(load_photos(size, limit)):
@@ -126,15 +126,16 @@ def build(size: int, limit: int | None, gens) -> dict[str, list[dict]]:
         fg = np.clip(estimate_foreground_ml(photo.astype(np.float64), gt.astype(np.float64)), 0, 1).astype(np.float32)
         h, w = gt.shape
         if "flat" in sets:
-            b = S.green_backing(h, w, seed, S.FLAT)
-            sets["flat"].append(_sample(name, S.composite(fg, gt, b, seed, S.FLAT), gt, fg, tri))
+            b = synthetic.green_backing(h, w, seed, synthetic.FLAT)
+            sets["flat"].append(_sample(name, synthetic.composite(fg, gt, b, seed, synthetic.FLAT), gt, fg, tri))
         if "synthetic" in sets:
             rng = np.random.default_rng(seed)
-            real = replace(S.REALISTIC, falloff=float(rng.uniform(0.2, 0.45)), shadow=float(rng.uniform(0.2, 0.5)),
+            real = replace(synthetic.REALISTIC, falloff=float(rng.uniform(0.2, 0.45)),
+                           shadow=float(rng.uniform(0.2, 0.5)),
                            spill=float(rng.uniform(0.15, 0.35)), noise=float(rng.uniform(0.006, 0.018)),
                            blur=float(rng.uniform(0.4, 0.8)), jpeg_quality=int(rng.integers(80, 95)))
-            b = S.green_backing(h, w, seed, real)
-            sets["synthetic"].append(_sample(name, S.composite(fg, gt, b, seed, real), gt, fg, tri))
+            b = synthetic.green_backing(h, w, seed, real)
+            sets["synthetic"].append(_sample(name, synthetic.composite(fg, gt, b, seed, real), gt, fg, tri))
         if "photo" in sets:
             shot = shoot(fg, gt, seed)
             sets["photo"].append(_sample(name, shot.image, shot.alpha, shot.foreground, tri))
@@ -327,9 +328,9 @@ def table(title: str, res: dict, idx: list[int]) -> tuple[str, dict]:
 def _speed_sample(size: int = 1024):
     from photo_backing import shoot
 
-    from diffumatting.models import synthetic as S
+    from diffumatting.models import synthetic
 
-    fg, alpha = S.random_object(size, size, 5)
+    fg, alpha = synthetic.random_object(size, size, 5)
     shot = shoot(fg, alpha, 5)
     tri = np.where(shot.alpha <= 0.002, 0, np.where(shot.alpha >= 0.998, 255, 128)).astype(np.uint8)
     return _sample("speed", shot.image, shot.alpha, shot.foreground, tri)
@@ -379,7 +380,21 @@ def _rss_child(path: str, classical: bool) -> None:
     img = torch.from_numpy(arr).float().div_(255.0)[None]
     del arr
     fg, a = greenpost(img, options=_greenpost_options(classical))
-    print(f"peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+    print(f"peak_rss_kb={_own_peak_kb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}")
+
+
+def _own_peak_kb(maxrss_kb: int) -> int:
+    """This process's own peak RSS in kB: VmHWM of its memory map (Linux). getrusage's ru_maxrss is kept
+    across exec, so a child started from a big parent (the benchmark holds every photo by then) reports
+    at least the parent's resident size; VmHWM starts afresh with the exec'd program."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return maxrss_kb
 
 
 def peak_rss_16mp(classical: bool) -> float:

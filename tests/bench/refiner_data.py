@@ -43,17 +43,17 @@ def main(argv=None) -> int:
     import cv2
 
     cv2.setNumThreads(1)
-    from diffumatting.models import synthetic as S
+    from diffumatting.models import synthetic
     from diffumatting.training.refiner_data import make_sample
 
     make_sample(10 ** 6, args.size)  # warm-up: imports, first allocations
-    S.make_composite(args.size, args.size, 10 ** 6, S.REALISTIC)
+    synthetic.make_composite(args.size, args.size, 10 ** 6, synthetic.REALISTIC)
     ours, peer, per_kind = [], [], {}
     for seed in range(args.samples):
         ms, d = _cpu_ms(lambda: make_sample(seed, args.size))
         ours.append(ms)
         per_kind.setdefault(d["kind"], []).append(ms)
-        peer.append(_cpu_ms(lambda: S.make_composite(args.size, args.size, seed, S.REALISTIC))[0])
+        peer.append(_cpu_ms(lambda: synthetic.make_composite(args.size, args.size, seed, synthetic.REALISTIC))[0])
 
     def q90(xs):
         return sorted(xs)[min(len(xs) - 1, int(0.9 * len(xs)))]
