@@ -165,9 +165,12 @@ def test_cli_ctrl_c_prints_one_line(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "greenpost.py"), str(src), str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))):
+    deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch and key one image
+    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None:
         time.sleep(0.05)
+    if not (out.is_dir() and any(out.glob("*.png"))):
+        proc.kill()
+        pytest.fail(f"the CLI wrote no PNG before the interrupt was due (exit {proc.poll()}): {proc.communicate()[1]}")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
