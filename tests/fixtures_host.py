@@ -100,6 +100,27 @@ def link_public_names(base: Path) -> None:
                 os.symlink(target.name, link)
 
 
+# Workflows run once, from the page (test_browser.py), through the session's real server, instead of also
+# through the API (test_server.py): the Flux fixture's full-size T5-XXL encode costs about a minute of CPU.
+RUN_FROM_PAGE_ONLY = frozenset({"transparent_flux"})
+
+
+def check_writes_rgba_png(files: list, name: str) -> None:
+    """A workflow run's output files: at least one RGBA PNG, and the prompt and workflow embedded."""
+    from PIL import Image
+
+    from diffumatting.models.png import read_png_text
+
+    assert files, f"{name} wrote no file to the output folder"
+    modes = []
+    for f in files:
+        assert f.is_file(), f
+        modes.append(Image.open(f).mode)
+    assert "RGBA" in modes, f"{name} wrote no RGBA PNG: {modes}"
+    text = read_png_text(files[0].read_bytes())
+    assert "prompt" in text and "workflow" in text, f"{name}: prompt and workflow must be embedded"
+
+
 def shrink_for_tiny(workflow: dict, lora: str | None = None) -> dict:
     """The workflow with its latent size and sampling steps lowered for the tiny fixtures (in place); with
     `lora`, row 1 of each LoRA stack applies that LoRA (a fixture of the workflow's family)."""

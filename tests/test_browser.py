@@ -71,7 +71,7 @@ def test_pack_extension_is_loaded(page):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_in_page(page, comfy_server, server_models, artifacts_dir, path):
-    from fixtures_host import shrink_for_tiny
+    from fixtures_host import check_writes_rgba_png, shrink_for_tiny
 
     # As shipped, with the tiny fixtures' size and step count and a LoRA of the family in the stack.
     workflow = shrink_for_tiny(json.loads(path.read_text()), server_models["workflow_loras"].get(path.stem))
@@ -85,8 +85,7 @@ def test_workflow_in_page(page, comfy_server, server_models, artifacts_dir, path
 
     page.evaluate(f"() => {{ const e = {EXTENSION}; e.checkerDraws = 0; e.drawnNodes.clear(); }}")
     entry = _queue_from_page(page, comfy_server)
-    files = comfy_server.output_files(entry)
-    assert files and all(f.is_file() for f in files), f"{path.name}: no output written from the page"
+    check_writes_rgba_png(comfy_server.output_files(entry), path.name)
 
     # Bring each of this workflow's preview nodes into view (the canvas loads and draws visible nodes only),
     # wait for its images and its checkerboard, then keep a screenshot.

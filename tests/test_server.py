@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 
 from comfy_client import WorkflowError, ui_to_api
+from fixtures_host import RUN_FROM_PAGE_ONLY
 from diffumatting.models.png import read_png_text
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+API_RUN_WORKFLOWS = [p for p in WORKFLOWS if p.stem not in RUN_FROM_PAGE_ONLY]
 
 pytestmark = pytest.mark.server
 
@@ -128,25 +130,16 @@ def test_missing_model_file_names_the_file_and_its_folder(comfy_server, object_i
         ui_to_api(workflow, object_info)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.mark.parametrize("path", API_RUN_WORKFLOWS, ids=[p.stem for p in API_RUN_WORKFLOWS])
 def test_workflow_runs_and_writes_rgba_png(comfy_server, server_models, object_info, path):
     """Each shipped workflow as an artist runs it (public names mapped to the family's tiny fixture, a LoRA
-    in the stack's first row, small size and few steps)."""
-    from fixtures_host import shrink_for_tiny
+    in the stack's first row, small size and few steps). The ones in RUN_FROM_PAGE_ONLY run through this same
+    server from the page, with the same checks (test_browser.py)."""
+    from fixtures_host import check_writes_rgba_png, shrink_for_tiny
 
     workflow = shrink_for_tiny(json.loads(path.read_text()), server_models["workflow_loras"].get(path.stem))
     entry = comfy_server.run_workflow(workflow, timeout=600)
-    files = comfy_server.output_files(entry)
-    assert files, f"{path.name} wrote no file to the output folder"
-    rgba = []
-    for f in files:
-        assert f.is_file(), f
-        img = Image.open(f)
-        if img.mode == "RGBA":
-            rgba.append(np.asarray(img))
-    assert rgba, f"{path.name} wrote no RGBA PNG: {[Image.open(f).mode for f in files]}"
-    text = read_png_text(files[0].read_bytes())
-    assert "prompt" in text and "workflow" in text, "prompt and workflow must be embedded"
+    check_writes_rgba_png(comfy_server.output_files(entry), path.name)
 
 
 def test_key_green_screen_separates_object_from_backing(comfy_server):
