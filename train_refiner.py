@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composite generator: 'procedural' = training/refiner_data.py (hair, fur, wires, meshes, "
                         "foliage, glass, smoke, motion blur, text, key-hued objects over photographic backings); "
                         "'synthetic' = models/synthetic.py objects over randomly varied green backings")
-    p.add_argument("--images", type=whole("--images", 1, 100000), default=2000, help="composites in the training pool")
+    p.add_argument("--images", type=whole("--images", 1, 100000), default=3000, help="composites in the training pool")
     p.add_argument("--val-images", type=whole("--val-images", 0, 10000), default=40,
                    help="held-out composites (other seeds) for the report")
     p.add_argument("--size-min", type=whole("--size-min", 32, 4096), default=256,
@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-max", type=whole("--size-max", 32, 4096), default=1024,
                    help="largest composite side in pixels (photos are keyed at 800 px and more: the context "
                         "levels must see that scale)")
-    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=600,
+    p.add_argument("--pixels-per-image", type=whole("--pixels-per-image", 1, 1_000_000), default=800,
                    help="band pixels sampled from each composite")
-    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=15000, help="optimiser steps")
+    p.add_argument("--steps", type=whole("--steps", 1, 10_000_000), default=25000, help="optimiser steps")
     p.add_argument("--batch", type=whole("--batch", 1, 1_000_000), default=2048, help="pixels per step")
     p.add_argument("--lr", type=number("--lr", 0, 1, lo_open=True, example=3e-3), default=3e-3,
                    help="peak learning rate (cosine decay to 5%% of it)")

@@ -35,9 +35,9 @@ SHIPPED = WEIGHTS_DIR / "greenpost_refiner.safetensors"
 CHUNK = 65536  # band pixels per forward pass (bounds the memory at any image size)
 SMOOTH = 1     # corrections are box-averaged over the band pixels of a (2 SMOOTH + 1)^2 box (tune split)
 STRENGTH = 0.5  # fraction of the (smoothed) correction applied: the network's corrections are noisy on real
-                # mattes; on the keying bench's tune split at 800 px (GT01-12) half of each gave the lowest errors
-                # on the photographic and synthetic backings (a quarter and three quarters were worse there) and
-                # the lowest SAD on the flat one
+                # mattes; on the keying bench's tune split at 800 px (GT01-12) half of each beat a quarter on every
+                # backing and metric, three quarters lowered SAD on the photographic and synthetic backings further
+                # but raised SAD and FG colour on the flat one (generated images)
 
 FINE_CH = 7     # I-B (3), F0-B (3), classical alpha (per neighbourhood pixel)
 COARSE_CH = 6   # pooled I-B (3), classical alpha, fraction of alpha == 1, fraction of alpha == 0
