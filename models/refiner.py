@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_files import config_from_json
+
 KIND = "diffumatting_greenpost_refiner"
 FORMAT_VERSION = 2  # 2: band = the uncertain pixels only, plate colour and certain-region context features
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -79,20 +81,7 @@ class RefinerConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "RefinerConfig":
-        try:
-            d = json.loads(text)
-            if not isinstance(d, dict):
-                raise ValueError("not an object")
-            unknown = set(d) - {f for f in cls.__dataclass_fields__}
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
-            for k in ("hidden", "context"):
-                if k in d:
-                    d[k] = tuple(d[k])
-            return cls(**d)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"refiner config {text!r} is unreadable ({e}); the file is damaged or from another "
-                             f"tool") from e
+        return config_from_json(cls, text, "GreenPost refiner")
 
 
 class Refiner(nn.Module):

@@ -108,7 +108,7 @@ def test_loader_refuses_unknown_formats(tmp_path):
         refiner.load_refiner(newer)
     meta.update(format_version=str(refiner.FORMAT_VERSION), config='{"radius": 1, "colour": 3}')
     save_file(load_file(str(newer)), str(newer), metadata=meta)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"config has unknown fields \[.colour.\]; it was written by a newer version"):
         refiner.load_refiner(newer)
 
 
@@ -140,8 +140,13 @@ def test_config_validation():
         refiner.RefinerConfig(radius=9)
     with pytest.raises(ValueError, match="hidden=()"):
         refiner.RefinerConfig(hidden=())
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="GreenPost refiner config must be a JSON object"):
         refiner.RefinerConfig.from_json("[1]")
+    with pytest.raises(ValueError, match=r"unknown fields \['width'\]; it was written by a newer version"):
+        refiner.RefinerConfig.from_json('{"width": 3}')
+    with pytest.raises(ValueError, match="radius=9"):  # the class's own range check, through the reader
+        refiner.RefinerConfig.from_json('{"radius": 9}')
+    assert refiner.RefinerConfig.from_json(refiner.RefinerConfig().to_json()) == refiner.RefinerConfig()
 
 
 # --- behaviour --------------------------------------------------------------------------------------------
