@@ -96,7 +96,7 @@ class GreenPost(io.ComfyNode):
     def execute(cls, image, alpha_prior=None, key_mode=KeyMode.AUTO.value, key_color="#00b140",
                 spill_strength=1.0, edge_detail=0.5, clip_black=0.0,
                 clip_white=1.0, refiner=RefinerChoice.SHIPPED.value) -> io.NodeOutput:
-        import comfy.model_management as mm
+        import comfy.model_management
         import comfy.utils
 
         opts = _options(key_mode, key_color, spill_strength, edge_detail, clip_black, clip_white, refiner)
@@ -109,12 +109,12 @@ class GreenPost(io.ComfyNode):
             if alpha_prior.ndim != 3 or alpha_prior.shape[0] not in (1, n):
                 raise ValueError(f"alpha_prior has shape {tuple(alpha_prior.shape)}: expected one mask or {n} "
                                  f"(one per image) of the image's size")
-        device = mm.get_torch_device()
-        out_device = mm.intermediate_device()
+        device = comfy.model_management.get_torch_device()
+        out_device = comfy.model_management.intermediate_device()
         pbar = comfy.utils.ProgressBar(n)
         fgs, alphas, warnings = [], [], []
         for i in range(n):
-            mm.throw_exception_if_processing_interrupted()
+            comfy.model_management.throw_exception_if_processing_interrupted()
             prior = None if alpha_prior is None else alpha_prior[min(i, alpha_prior.shape[0] - 1)][None].to(device)
             warned = []
             fg, a = greenpost(image[i:i + 1].to(device), prior, opts, warnings=warned)

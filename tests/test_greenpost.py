@@ -297,17 +297,17 @@ def test_node_schema_tooltips_and_validation(refine):
 
 
 def test_node_interrupt_between_items(refine, monkeypatch):
-    import comfy.model_management as mm
+    import comfy.model_management
 
     calls = {"n": 0}
 
     def interrupt():
         calls["n"] += 1
         if calls["n"] == 2:
-            raise mm.InterruptProcessingException()
+            raise comfy.model_management.InterruptProcessingException()
 
-    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
-    with pytest.raises(mm.InterruptProcessingException):
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
         refine.GreenPost.execute(torch.rand(3, 8, 8, 3))
     assert calls["n"] == 2
 

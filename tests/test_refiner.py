@@ -172,7 +172,7 @@ def test_refiner_never_changes_what_the_classical_key_is_sure_of(bias):
     """Safe by design: even a network that pushes every band pixel to 0 or to 1 leaves the pixels the classical
     key marks certain (0 or 1, or within half an 8-bit step of them) as they are, so solid interiors and clean
     backing keep their 255 and 0 in 8-bit output."""
-    import diffumatting.models.greenpost as gp
+    from diffumatting.models import greenpost as greenpost_module
 
     model = _small(5)
     with torch.no_grad():
@@ -182,8 +182,8 @@ def test_refiner_never_changes_what_the_classical_key_is_sure_of(bias):
         return refiner.refine_fields(model, x, kf)
     refine.halo = model.halo()
     rgb = torch.from_numpy(make_composite(96, 128, 7, REALISTIC).image)
-    _, a_off = gp._key_one(rgb, None, GreenPostOptions(refiner="off"))
-    _, a_on = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
+    _, a_off = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"))
+    _, a_on = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
     sure = (a_off <= refiner.SURE) | (a_off >= 1 - refiner.SURE)
     assert int((a_off == 0).sum()) > 1000 and int((a_off == 1).sum()) > 500 and bool((~sure).any())
     assert torch.equal(a_on[sure], a_off[sure])
@@ -326,7 +326,7 @@ def test_matting_decode_refinement_uses_the_default(comfy_host, monkeypatch):
 
 def test_refiner_in_row_bands_equals_the_whole_image(monkeypatch):
     """greenpost() keys large images in bands of rows with a halo: the refined result must not depend on it."""
-    import diffumatting.models.greenpost as gp
+    from diffumatting.models import greenpost as greenpost_module
 
     model = refiner.load_refiner()
 
@@ -334,10 +334,10 @@ def test_refiner_in_row_bands_equals_the_whole_image(monkeypatch):
         return refiner.refine_fields(model, x, kf)
     refine.halo = model.halo()
     rgb = torch.from_numpy(make_composite(200, 96, 6, REALISTIC).image)
-    fg1, a1 = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
-    monkeypatch.setattr(gp, "BAND_PIXELS", 96 * 48)
-    assert len(gp._bands(200, 96, 16)) > 3
-    fg2, a2 = gp._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
+    fg1, a1 = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
+    monkeypatch.setattr(greenpost_module, "BAND_PIXELS", 96 * 48)
+    assert len(greenpost_module._bands(200, 96, 16)) > 3
+    fg2, a2 = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"), refine)
     assert torch.equal(a1, a2) and torch.equal(fg1, fg2)
-    _, a_off = gp._key_one(rgb, None, GreenPostOptions(refiner="off"))
+    _, a_off = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"))
     assert not torch.equal(a1, a_off)
