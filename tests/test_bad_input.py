@@ -163,8 +163,12 @@ def test_cli_ctrl_c_prints_one_line(tmp_path):
     for i in range(40):
         _green_png(src / f"{i:02}.png", 256, 256)
     out = tmp_path / "out"
+    # The CLI keeps Python's own Ctrl-C handling, which a shell's background job (`make test &`, nohup)
+    # starts without: SIGINT is ignored there, and Python then installs no handler. A terminal's Ctrl-C is
+    # what this test plays, so the CLI starts with the default disposition.
     proc = subprocess.Popen([sys.executable, str(ROOT / "greenpost.py"), str(src), str(out), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch and key one image
     while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None:
         time.sleep(0.05)
