@@ -22,9 +22,8 @@ PUBLIC_NAMES = {
                       "t5xxl_fp16.safetensors": "diffumatting_test_t5xxl_fp8.safetensors"},
     "vae": {"ae.safetensors": "diffumatting_test_flux_vae.safetensors"},
 }
-# Fixtures too large to keep in pytest's retained temporary folders (the T5-XXL one is 4.8 GB).
-LARGE_FIXTURES = (("text_encoders", "diffumatting_test_t5xxl_fp8.safetensors"),
-                  ("diffusion_models", "diffumatting_tiny_flux.safetensors"))
+# Fixtures too large to keep in pytest's retained temporary folders (the T5-XXL one is 4.8 GB), by public name.
+LARGE_FIXTURES = (("text_encoders", "t5xxl_fp16.safetensors"), ("diffusion_models", "flux1-dev.safetensors"))
 FIXTURE_NAMES = {fixture for names in PUBLIC_NAMES.values() for fixture in names.values()}
 SDXL_LORA_NAME = "diffumatting_style_sdxl.safetensors"
 FLUX_LORA_NAME = "diffumatting_style_flux.safetensors"
@@ -80,12 +79,10 @@ def _write_flux_files(models: Path) -> None:
 
 def remove_large_fixtures(base: Path) -> None:
     """Delete the large fixtures (and their public-name links) once the session's server has stopped."""
-    for folder, fixture in LARGE_FIXTURES:
-        target = Path(base) / "models" / folder / fixture
-        for public, name in PUBLIC_NAMES[folder].items():
-            if name == fixture:
-                target.with_name(public).unlink(missing_ok=True)
-        target.unlink(missing_ok=True)
+    for folder, public in LARGE_FIXTURES:
+        link = Path(base) / "models" / folder / public
+        link.unlink(missing_ok=True)
+        link.with_name(PUBLIC_NAMES[folder][public]).unlink(missing_ok=True)
 
 
 def link_public_names(base: Path) -> None:

@@ -169,10 +169,13 @@ def test_cli_ctrl_c_prints_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "greenpost.py"), str(src), str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def keyed_one() -> bool:
+        return out.is_dir() and any(out.glob("*.png"))
+
     deadline = time.monotonic() + 600  # a loaded machine can take minutes to import torch and key one image
-    while time.monotonic() < deadline and not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None:
+    while time.monotonic() < deadline and not keyed_one() and proc.poll() is None:
         time.sleep(0.05)
-    if not (out.is_dir() and any(out.glob("*.png"))):
+    if not keyed_one():
         proc.kill()
         pytest.fail(f"the CLI wrote no PNG before the interrupt was due (exit {proc.poll()}): {proc.communicate()[1]}")
     proc.send_signal(signal.SIGINT)

@@ -80,7 +80,7 @@ def write_fp8_stream(shapes: dict[str, torch.Size], path, seed: int, metadata: d
             start = (i * 2_654_435_761) % POOL_BYTES
             while n:
                 chunk = pool[start:start + n]
-                f.write(chunk.tobytes())
+                f.write(memoryview(chunk))
                 n -= len(chunk)
                 start = 0
     return path
