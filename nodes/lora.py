@@ -145,16 +145,17 @@ def apply_stack(model, clip, stack, model_only: bool = False, green_protection: 
     weights it is applied to is an error (another model family). In GREEN_KV mode each LoRA is applied
     whole and `green_protection` of its key/value change on the green token is removed while sampling."""
     mode = ProtectionMode(mode)
-    if not 0.0 <= float(green_protection) <= 1.0:
+    green_protection = float(green_protection)
+    if not 0.0 <= green_protection <= 1.0:
         raise ValueError(f"green_protection {green_protection} must be in 0..1")
     green_kv = {}
     entries = normalise_stack(stack)
-    if mode is ProtectionMode.CROSS_ATTENTION and float(green_protection) > 0 and model is not None \
+    if mode is ProtectionMode.CROSS_ATTENTION and green_protection > 0 and model is not None \
             and any(ms != 0 and i not in unprotected for i, (_, ms, _) in enumerate(entries)):
-        require_cross_attention(model, float(green_protection))
+        require_cross_attention(model, green_protection)
     clip_in = clip
     earlier = _green_kv.green_clip_of(clip) if clip is not None and not model_only else None
-    green_clip, amount = _start_green_clip(clip, earlier, mode, float(green_protection), model_only)
+    green_clip, amount = _start_green_clip(clip, earlier, mode, green_protection, model_only)
     clip_protected = False
     for i, (name, ms, cs) in enumerate(entries):
         if ms == 0 and (cs == 0 or model_only or clip is None):
