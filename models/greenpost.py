@@ -542,17 +542,19 @@ def key_fields(rgb: torch.Tensor, prior: torch.Tensor | None, opt: GreenPostOpti
 
 # ----------------------------------------------------------------------------------------------- API
 
-def _refine_fn(choice: str):
-    """The alpha refinement for a RefinerChoice value (None for 'off'): loads the shipped weights."""
+def _refine_fn(choice: str, device: torch.device):
+    """The alpha refinement for a RefinerChoice value (None for 'off'): loads the shipped weights onto the
+    image's device."""
     if choice == RefinerChoice.OFF.value:
         return None
     from .refiner import SHIPPED, load_refiner, refine_fields
 
-    model = load_refiner(SHIPPED)
+    model = load_refiner(SHIPPED).to(device)
 
     def refine(x: torch.Tensor, kf: KeyFields) -> torch.Tensor:
         return refine_fields(model, x, kf)
     refine.halo = model.halo()
+    refine.model = model
     return refine
 
 
@@ -639,7 +641,7 @@ def greenpost(image: torch.Tensor, prior_alpha: torch.Tensor | None = None,
         rgb = img[..., :3]
     fg = torch.empty(B, H, W, 3, device=img.device)
     alpha = torch.empty(B, H, W, device=img.device)
-    refine = _refine_fn(options.refiner)
+    refine = _refine_fn(options.refiner, img.device)
     with torch.no_grad():
         for i in range(B):
             _key_one(rgb[i], None if prior is None else prior[i], options, refine, fg[i], alpha[i])

@@ -341,3 +341,14 @@ def test_refiner_in_row_bands_equals_the_whole_image(monkeypatch):
     assert torch.equal(a1, a2) and torch.equal(fg1, fg2)
     _, a_off = greenpost_module._key_one(rgb, None, GreenPostOptions(refiner="off"))
     assert not torch.equal(a1, a_off)
+
+
+def test_refiner_is_loaded_on_the_images_device():
+    """greenpost() runs where the image is: the refiner's weights go to that device (on CUDA the first
+    device check found them left on the CPU). The meta device stands in for a GPU here."""
+    from diffumatting.models import greenpost as gp
+
+    refine = gp._refine_fn(RefinerChoice.SHIPPED.value, torch.device("meta"))
+    devices = {t.device.type for t in (*refine.model.parameters(), *refine.model.buffers())}
+    assert devices == {"meta"}, devices
+    assert gp._refine_fn(RefinerChoice.OFF.value, torch.device("meta")) is None
