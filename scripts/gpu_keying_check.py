@@ -15,10 +15,13 @@ import json
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))
+import _package  # noqa: E402  the pack as `diffumatting` without ComfyUI (see _package.py)
+
+_package.register()
 
 
 def make_sample(out: Path) -> None:
@@ -33,22 +36,14 @@ def make_sample(out: Path) -> None:
     np.save(out / "alpha1024.npy", (x["alpha"] * 65535 + 0.5).astype(np.uint16))
 
 
-def _models():
-    """The pack's models/ package, imported without the pack's ComfyUI entry point."""
-    pkg = types.ModuleType("dm_pack")
-    pkg.__path__ = [str(ROOT)]
-    sys.modules["dm_pack"] = pkg
-    import importlib
-
-    return (importlib.import_module("dm_pack.models.greenpost"), importlib.import_module("dm_pack.models.matting_head"))
-
-
 def check(sample: Path, device: str, big: int = 4096, head_size: int = 1024, repeats: int = 5) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    gp, mh = _models()
+    from diffumatting.models import greenpost as gp
+    from diffumatting.models import matting_head as mh
+
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
