@@ -275,9 +275,9 @@ def test_head_learns_alpha_from_decoder_features(comfy_host):
         fsm = vae.first_stage_model
         with torch.no_grad():
             latent = vae.encode(image)
-            with FeatureTaps(fsm.decoder, SMALL.taps) as taps:
-                fsm.decode(latent)
-        fine, coarse = taps.features[SMALL.fine_tap], [taps.features[t] for t in SMALL.coarse_taps]
+            with FeatureTaps(fsm.decoder, SMALL.taps) as taps:  # where encode left the decoder: a GPU machine's GPU
+                fsm.decode(latent.to(next(fsm.decoder.parameters()).device))
+        fine, coarse = taps.features[SMALL.fine_tap].cpu(), [taps.features[t].cpu() for t in SMALL.coarse_taps]
         assert fine.shape == (48, 32, 64, 64)
         n_train = 40
         head = MattingHead(SMALL).reset_parameters(0)

@@ -293,10 +293,14 @@ def test_node_refiner_default_and_choices(comfy_host):
     inp = next(i for i in schema.inputs if i.id == "refiner")
     assert inp.default == DEFAULT and inp.options == ["greenpost_refiner", "off"]
     assert inp.tooltip
+    import comfy.model_management
+
     comp = make_composite(48, 64, 2, REALISTIC)
     image = torch.from_numpy(comp.image)[None]
-    _, a_on = greenpost(image, options=GreenPostOptions(refiner="greenpost_refiner"))
-    _, a_off = greenpost(image, options=GreenPostOptions(refiner="off"))
+    dev = comfy.model_management.get_torch_device()  # the node keys where ComfyUI computes (a GPU machine's GPU)
+    _, a_on = greenpost(image.to(dev), options=GreenPostOptions(refiner="greenpost_refiner"))
+    _, a_off = greenpost(image.to(dev), options=GreenPostOptions(refiner="off"))
+    a_on, a_off = a_on.cpu(), a_off.cpu()
     assert not torch.equal(a_on, a_off)
     _, a_node, _, _ = refine.GreenPost.execute(image).result
     assert torch.equal(a_node, a_on)
