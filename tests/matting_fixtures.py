@@ -42,6 +42,12 @@ def small_vae(seed: int = 0, dtype=torch.float32, **ddkw):
                         dtype=dtype)
 
 
+def decoder_device(vae) -> torch.device:
+    """Where the VAE's decoder weights are now: the CPU in CI; on a GPU machine, the GPU once core has loaded
+    them (for tests that run the decoder directly, outside core's loading)."""
+    return next(vae.first_stage_model.decoder.parameters()).device
+
+
 def write_tiny_head(base: Path, seed: int = 0) -> str:
     """Write models/diffumatting/<TINY_HEAD_NAME> into a server base dir: a seeded head whose architecture
     fits the VAE of the tiny checkpoint when it is already in models/checkpoints (else SD1.x's)."""

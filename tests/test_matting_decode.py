@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from diffumatting.models.matting_head import HeadConfig, LoadedHead, MattingHead, save_head
-from matting_fixtures import TINY_HEAD_NAME, small_vae
+from matting_fixtures import TINY_HEAD_NAME, decoder_device, small_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = HeadConfig.for_decoder(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
@@ -76,15 +76,9 @@ def _head_alpha_reference(vae, head, latent):
     fsm = vae.first_stage_model
     cfg = head.config
     with torch.no_grad(), FeatureTaps(fsm.decoder, cfg.taps) as taps:
-        fsm.decode(latent.to(_decoder_device(vae), vae.vae_dtype))
+        fsm.decode(latent.to(decoder_device(vae), vae.vae_dtype))
         out = head.head(taps.features[cfg.fine_tap].float(), [taps.features[t].float() for t in cfg.coarse_taps])
     return out[:, 0].to(vae.output_device)
-
-
-def _decoder_device(vae) -> torch.device:
-    """Where the VAE's decoder weights are now: the CPU in CI; on a GPU machine, the GPU once a decode has
-    loaded them (the helpers here run the decoder directly, outside core's loading)."""
-    return next(vae.first_stage_model.decoder.parameters()).device
 
 
 # --- decode ------------------------------------------------------------------------------------------------
@@ -136,7 +130,7 @@ def _head_alpha_in_pass(vae, head, latent):
 
     fsm = vae.first_stage_model
     with torch.no_grad(), HeadTaps(fsm.decoder, head.head) as taps:
-        fsm.decode(latent.to(_decoder_device(vae), vae.vae_dtype))
+        fsm.decode(latent.to(decoder_device(vae), vae.vae_dtype))
         alpha = taps.pop_alpha()
     assert alpha.dtype == torch.float32
     return alpha[:, 0].to(vae.output_device)

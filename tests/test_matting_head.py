@@ -262,7 +262,7 @@ def test_head_learns_alpha_from_decoder_features(comfy_host):
     """Train the head on a small random-weight KL VAE's decoder features of green-screen composites;
     held-out alpha L1 must fall to well below where it began and below the best constant guess."""
     from diffumatting.models.synthetic import make_composite
-    from matting_fixtures import small_vae
+    from matting_fixtures import decoder_device, small_vae
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -276,7 +276,7 @@ def test_head_learns_alpha_from_decoder_features(comfy_host):
         with torch.no_grad():
             latent = vae.encode(image)
             with FeatureTaps(fsm.decoder, SMALL.taps) as taps:  # where encode left the decoder: a GPU machine's GPU
-                fsm.decode(latent.to(next(fsm.decoder.parameters()).device))
+                fsm.decode(latent.to(decoder_device(vae)))
         fine, coarse = taps.features[SMALL.fine_tap].cpu(), [taps.features[t].cpu() for t in SMALL.coarse_taps]
         assert fine.shape == (48, 32, 64, 64)
         n_train = 40

@@ -287,14 +287,14 @@ def test_cli_refiner_default_and_choices():
 
 
 def test_node_refiner_default_and_choices(comfy_host):
+    import comfy.model_management
+
     from diffumatting.nodes import refine
 
     schema = refine.GreenPost.define_schema()
     inp = next(i for i in schema.inputs if i.id == "refiner")
     assert inp.default == DEFAULT and inp.options == ["greenpost_refiner", "off"]
     assert inp.tooltip
-    import comfy.model_management
-
     comp = make_composite(48, 64, 2, REALISTIC)
     image = torch.from_numpy(comp.image)[None]
     dev = comfy.model_management.get_torch_device()  # the node keys where ComfyUI computes (a GPU machine's GPU)
